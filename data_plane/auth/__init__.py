@@ -1,0 +1,1 @@
+"""Authentication of clients on the data plane."""

@@ -1,0 +1,84 @@
+"""The data plane's error tree. Each class carries its HTTP status and error code; the
+pipeline turns any of them into the SPEC error body in one place (``pipeline.error_response``).
+
+    TenantgateError (shared.errors)
+    └── GatewayError
+        ├── BadRequest              400  malformed or ambiguous request, conflicting credentials
+        ├── Unauthenticated         401  missing or invalid credentials
+        ├── Forbidden               403  tenant not allowed / inactive
+        ├── RouteNotFound           404
+        ├── MethodNotAllowed        405  (``allow`` lists the methods)
+        ├── PayloadTooLarge         413
+        ├── NotReady                503  no snapshot loaded yet
+        └── UpstreamError
+            ├── UpstreamUnavailable 502  connect error or invalid response (aiohttp errors mapped in upstream/)
+            └── UpstreamTimeout     504
+"""
+
+from __future__ import annotations
+
+from shared.errors import TenantgateError
+
+
+class GatewayError(TenantgateError):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class BadRequest(GatewayError):
+    status = 400
+    code = "bad_request"
+
+
+class Unauthenticated(GatewayError):
+    status = 401
+    code = "unauthenticated"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    code = "forbidden"
+
+
+class RouteNotFound(GatewayError):
+    status = 404
+    code = "route_not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, allow: tuple[str, ...]) -> None:
+        super().__init__("method not allowed on this route")
+        self.allow = allow
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "payload_too_large"
+
+
+class NotReady(GatewayError):
+    status = 503
+    code = "not_ready"
+
+
+class UpstreamError(GatewayError):
+    pass
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 502
+    code = "bad_gateway"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "gateway_timeout"

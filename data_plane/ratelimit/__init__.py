@@ -1,0 +1,1 @@
+"""Shared counters in Redis: connection and health today; the limiters build on it."""

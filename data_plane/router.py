@@ -1,0 +1,134 @@
+"""The route table, compiled once per snapshot into a segment trie.
+
+Lookup walks the request path's segments once, following literal children and the
+parameter child, and collecting wildcard routes passed on the way; its cost depends on the
+path's depth, not on the number of routes. Among matching routes the most specific wins:
+exact > parameter > wildcard, then the longer literal prefix, then the longer pattern, then
+the higher ``priority``, then the older route. A path matching only routes that do not
+allow the method gives 405 with the union of their methods.
+
+A single trailing slash is ignored when matching (``/a/b/`` matches ``/a/b``), so that no
+route can be side-stepped by an upstream that treats the two alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+from shared import patterns
+from shared.snapshot import HTTP_METHODS, Route
+
+_ALL_METHODS: Final = frozenset(HTTP_METHODS)
+
+
+@dataclass(slots=True)
+class CompiledRoute:
+    route: Route
+    pattern: patterns.Pattern
+    methods: frozenset[str]
+    rank: tuple[int, int, int, int, int]
+    # Segments to drop from the raw path for ``strip_prefix``.
+    strip_count: int
+
+
+@dataclass(slots=True)
+class _Node:
+    literals: dict[str, _Node] = field(default_factory=dict)
+    param: _Node | None = None
+    here: list[CompiledRoute] = field(default_factory=list)  # patterns that end at this node
+    below: list[CompiledRoute] = field(default_factory=list)  # "/*" patterns rooted at this node
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    route: CompiledRoute
+    params: dict[str, str]
+
+
+class Router:
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self._root = _Node()
+        self.size = 0
+        for order, route in enumerate(routes):
+            self._add(route, order)
+
+    def _add(self, route: Route, order: int) -> None:
+        pattern = patterns.parse(route.path)
+        segments = pattern.segments
+        kinds = {kind for kind, _ in segments}
+        klass = 2 if patterns.WILDCARD in kinds else 1 if patterns.PARAM in kinds else 0
+        rank = (klass, -pattern.literal_prefix_length, -len(segments), -route.priority, order)
+        methods = frozenset(route.methods) if route.methods else _ALL_METHODS
+        wildcard = bool(segments) and segments[-1][0] == patterns.WILDCARD
+        strip = len(segments) - 1 if wildcard else len(segments)
+        compiled = CompiledRoute(route, pattern, methods, rank, strip)
+        node = self._root
+        for kind, text in segments[:-1] if wildcard else segments:
+            if kind == patterns.LITERAL:
+                node = node.literals.setdefault(text, _Node())
+            else:
+                if node.param is None:
+                    node.param = _Node()
+                node = node.param
+        (node.below if wildcard else node.here).append(compiled)
+        self.size += 1
+
+    def match(self, path: str, method: str) -> Match | None:
+        """The best route for ``path`` that allows ``method``; None if no route's path matches.
+
+        A path matched only by routes refusing ``method`` returns the best of them, whose
+        ``methods`` do not include ``method``: the caller answers 405 (see :meth:`allow_header`)."""
+        if path != "/" and path.endswith("/"):
+            path = path[:-1]
+        segments = path[1:].split("/") if path != "/" else []
+        found: list[tuple[CompiledRoute, list[str]]] = []
+        self._walk(self._root, segments, 0, [], found)
+        if not found:
+            return None
+        found.sort(key=lambda item: item[0].rank)
+        for compiled, values in found:
+            if method in compiled.methods:
+                return Match(compiled, self._params(compiled, values))
+        best, values = found[0]
+        return Match(best, self._params(best, values))
+
+    def allow_header(self, path: str) -> tuple[str, ...]:
+        if path != "/" and path.endswith("/"):
+            path = path[:-1]
+        segments = path[1:].split("/") if path != "/" else []
+        found: list[tuple[CompiledRoute, list[str]]] = []
+        self._walk(self._root, segments, 0, [], found)
+        methods: set[str] = set()
+        for compiled, _ in found:
+            methods |= compiled.methods
+        return tuple(sorted(methods))
+
+    def _walk(
+        self,
+        node: _Node,
+        segments: list[str],
+        i: int,
+        values: list[str],
+        found: list[tuple[CompiledRoute, list[str]]],
+    ) -> None:
+        for compiled in node.below:
+            found.append((compiled, list(values)))
+        if i == len(segments):
+            for compiled in node.here:
+                found.append((compiled, list(values)))
+            return
+        segment = segments[i]
+        child = node.literals.get(segment)
+        if child is not None:
+            self._walk(child, segments, i + 1, values, found)
+        if node.param is not None and segment:
+            values.append(segment)
+            self._walk(node.param, segments, i + 1, values, found)
+            values.pop()
+
+    @staticmethod
+    def _params(compiled: CompiledRoute, values: list[str]) -> dict[str, str]:
+        names = [text for kind, text in compiled.pattern.segments if kind == patterns.PARAM]
+        return dict(zip(names, values, strict=False))

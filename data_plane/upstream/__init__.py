@@ -1,0 +1,1 @@
+"""Talking to upstream services: the pooled client and per-route targets."""

@@ -1,0 +1,296 @@
+"""Process settings: one frozen, typed object built once at start from ``TENANTGATE_*`` and CLI flags.
+
+This is the only module that reads the environment. Every setting is also a CLI flag
+(``TENANTGATE_DATABASE_URL`` ↔ ``--database-url``); a flag wins over the environment.
+A bad value raises :class:`SettingsError` naming the setting; entry points turn it into
+one line on stderr and exit code 2 (see :func:`exit_on_bad_settings`).
+
+Settings configure the process. Tenants, routes and limits are not settings: they are
+the versioned snapshot the control plane distributes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import secrets
+import socket
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Final, NoReturn
+from urllib.parse import urlsplit
+
+ENV_PREFIX: Final = "TENANTGATE_"
+
+DEFAULT_CP_ADDR: Final = "127.0.0.1:8005"
+DEFAULT_PROXY_LISTEN: Final = "0.0.0.0:8000"
+DEFAULT_STATUS_LISTEN: Final = "0.0.0.0:8100"
+DEFAULT_ADMIN_LISTEN: Final = "127.0.0.1:8001"
+DEFAULT_CLUSTER_LISTEN: Final = "0.0.0.0:8005"
+DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
+DEFAULT_DATA_DIR: Final = "./.tenantgate"
+DEFAULT_LOG_LEVEL: Final = "info"
+DEFAULT_LOG_FORMAT: Final = "json"
+DEFAULT_RATELIMIT_FAILURE_MODE: Final = "open"
+MIN_TOKEN_LENGTH: Final = 16
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+class SettingsError(Exception):
+    """A setting is missing or has a bad value. ``str()`` is the one line shown to the operator."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        super().__init__(f"{ENV_PREFIX}{name} (--{_flag(name)}): {message}")
+
+
+class Secret:
+    """A string whose repr and str hide it. Call :meth:`reveal` where the value is really needed."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and secrets.compare_digest(self._value, other._value)
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: Secret | None
+    redis_url: Secret
+    redis_cluster: bool
+    admin_token: Secret | None
+    cluster_token: Secret | None
+    cp_addr: HostPort
+    proxy_listen: HostPort
+    status_listen: HostPort
+    admin_listen: HostPort
+    cluster_listen: HostPort
+    data_dir: Path
+    log_level: str
+    log_format: str
+    ratelimit_failure_mode: str
+    node_id: str
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    workers: int
+
+
+# --- parsers: each takes the raw string and returns the typed value or raises ValueError ---
+
+
+def _parse_host_port(raw: str) -> HostPort:
+    host, sep, port_s = raw.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {raw!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ValueError(f"port must be a number, got {port_s!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0-65535, got {port}")
+    return HostPort(host, port)
+
+
+def _parse_postgres_url(raw: str) -> Secret:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ValueError("expected a postgresql:// URL, e.g. postgresql://user:password@host:5432/dbname")
+    return Secret(raw)
+
+
+def _parse_redis_url(raw: str) -> Secret:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("expected a redis:// or rediss:// URL, e.g. redis://127.0.0.1:6379/0")
+    return Secret(raw)
+
+
+def _parse_token(raw: str) -> Secret:
+    if len(raw) < MIN_TOKEN_LENGTH:
+        raise ValueError(f"must be at least {MIN_TOKEN_LENGTH} characters (use a random value)")
+    if any(c.isspace() for c in raw) or not raw.isprintable():
+        raise ValueError("must not contain whitespace or control characters")
+    return Secret(raw)
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected 1/0/true/false, got {raw!r}")
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _parse_networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    nets = []
+    for item in raw.split(","):
+        item = item.strip()
+        if item:
+            try:
+                nets.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(f"not an IP address or CIDR network: {item!r}") from None
+    return tuple(nets)
+
+
+def _parse_workers(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"expected a positive integer, got {raw!r}") from None
+    if not 1 <= value <= 256:
+        raise ValueError(f"expected 1-256, got {value}")
+    return value
+
+
+def _parse_node_id(raw: str) -> str:
+    if not raw or len(raw) > 128 or not all(c.isalnum() or c in "-_.:" for c in raw):
+        raise ValueError("expected 1-128 characters of letters, digits, '-', '_', '.', ':'")
+    return raw
+
+
+def _default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+# name → (parser, default or None when unset means None, help)
+_SPECS: Final[dict[str, tuple[Callable[[str], Any], str | None, str]]] = {
+    "DATABASE_URL": (_parse_postgres_url, None, "Postgres URL of the control plane's database"),
+    "REDIS_URL": (_parse_redis_url, DEFAULT_REDIS_URL, "Redis URL for shared counters"),
+    "REDIS_CLUSTER": (_parse_bool, "0", "1 when REDIS_URL points at a Redis Cluster"),
+    "ADMIN_TOKEN": (_parse_token, None, "bootstrap admin token for the admin API"),
+    "CLUSTER_TOKEN": (_parse_token, None, "shared secret data planes present to the control plane"),
+    "CP_ADDR": (_parse_host_port, DEFAULT_CP_ADDR, "control plane gRPC address a data plane connects to"),
+    "PROXY_LISTEN": (_parse_host_port, DEFAULT_PROXY_LISTEN, "data plane proxy listener"),
+    "STATUS_LISTEN": (_parse_host_port, DEFAULT_STATUS_LISTEN, "data plane status listener"),
+    "ADMIN_LISTEN": (_parse_host_port, DEFAULT_ADMIN_LISTEN, "control plane admin API listener"),
+    "CLUSTER_LISTEN": (_parse_host_port, DEFAULT_CLUSTER_LISTEN, "control plane gRPC listener"),
+    "DATA_DIR": (Path, DEFAULT_DATA_DIR, "directory for local state"),
+    "LOG_LEVEL": (_choice(*LOG_LEVELS), DEFAULT_LOG_LEVEL, "log level"),
+    "LOG_FORMAT": (_choice("json", "text"), DEFAULT_LOG_FORMAT, "log format"),
+    "RATELIMIT_FAILURE_MODE": (
+        _choice("open", "closed"),
+        DEFAULT_RATELIMIT_FAILURE_MODE,
+        "what the data plane does when Redis is unreachable",
+    ),
+    "NODE_ID": (_parse_node_id, None, "this node's id (default: hostname-pid)"),
+    "TRUSTED_PROXIES": (_parse_networks, "", "CIDRs whose X-Forwarded-* headers are trusted"),
+    "WORKERS": (_parse_workers, None, "worker processes (default: CPU count)"),
+}
+
+
+def _flag(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--flag`` per setting to ``parser`` (values stay raw strings until :func:`load`)."""
+    group = parser.add_argument_group("settings (each also TENANTGATE_<NAME> in the environment)")
+    for name, (_, _, help_text) in _SPECS.items():
+        group.add_argument(f"--{_flag(name)}", dest=f"setting_{name}", metavar=name, help=help_text)
+
+
+def load(
+    args: argparse.Namespace | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    require: Sequence[str] = (),
+) -> Settings:
+    """Build the settings from flags (``args``, from a parser prepared by :func:`add_arguments`)
+    and the environment. ``require`` names settings that have no default but this role needs."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, (parse, default, _) in _SPECS.items():
+        raw = getattr(args, f"setting_{name}", None) if args is not None else None
+        if raw is None:
+            raw = env.get(ENV_PREFIX + name)
+        if raw is None or raw == "":
+            if name in require:
+                raise SettingsError(name, "is required and not set")
+            raw = default
+        if raw is None:
+            values[name.lower()] = None
+            continue
+        try:
+            values[name.lower()] = parse(raw)
+        except ValueError as exc:
+            raise SettingsError(name, str(exc)) from None
+    if values["node_id"] is None:
+        values["node_id"] = _default_node_id()
+    if values["workers"] is None:
+        values["workers"] = max(1, os.cpu_count() or 1)
+    return Settings(**values)
+
+
+def to_environ(settings: Settings, *, exclude: Sequence[str] = ()) -> dict[str, str]:
+    """The environment that recreates ``settings`` in a child process (secrets revealed).
+    ``exclude`` names settings the child should decide for itself (e.g. ``NODE_ID``)."""
+    env: dict[str, str] = {}
+    skip = {name.lower() for name in exclude}
+    for f in fields(Settings):
+        value = getattr(settings, f.name)
+        if value is None or f.name in skip:
+            continue
+        if isinstance(value, Secret):
+            text = value.reveal()
+        elif isinstance(value, bool):
+            text = "1" if value else "0"
+        elif isinstance(value, tuple):
+            text = ",".join(str(v) for v in value)
+        else:
+            text = str(value)
+        env[ENV_PREFIX + f.name.upper()] = text
+    return env
+
+
+@contextmanager
+def exit_on_bad_settings(program: str = "tenantgate") -> Iterator[None]:
+    """Turn a :class:`SettingsError` into one line on stderr and exit code 2."""
+    try:
+        yield
+    except SettingsError as exc:
+        _die(program, str(exc))
+
+
+def _die(program: str, message: str) -> NoReturn:
+    print(f"{program}: invalid setting {message}", file=sys.stderr)
+    raise SystemExit(2)
