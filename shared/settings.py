@@ -99,6 +99,8 @@ class Settings:
     node_id: str
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     workers: int
+    # Names of the settings given explicitly (flag or environment) rather than defaulted.
+    explicit: frozenset[str] = frozenset()
 
 
 # --- parsers: each takes the raw string and returns the typed value or raises ValueError ---
@@ -239,10 +241,13 @@ def load(
     and the environment. ``require`` names settings that have no default but this role needs."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    explicit: set[str] = set()
     for name, (parse, default, _) in _SPECS.items():
         raw = getattr(args, f"setting_{name}", None) if args is not None else None
         if raw is None:
             raw = env.get(ENV_PREFIX + name)
+        if raw:
+            explicit.add(name)
         if raw is None or raw == "":
             if name in require:
                 raise SettingsError(name, "is required and not set")
@@ -258,7 +263,7 @@ def load(
         values["node_id"] = _default_node_id()
     if values["workers"] is None:
         values["workers"] = max(1, os.cpu_count() or 1)
-    return Settings(**values)
+    return Settings(**values, explicit=frozenset(explicit))
 
 
 def to_environ(settings: Settings, *, exclude: Sequence[str] = ()) -> dict[str, str]:
@@ -268,7 +273,7 @@ def to_environ(settings: Settings, *, exclude: Sequence[str] = ()) -> dict[str, 
     skip = {name.lower() for name in exclude}
     for f in fields(Settings):
         value = getattr(settings, f.name)
-        if value is None or f.name in skip:
+        if value is None or f.name in skip or f.name == "explicit":
             continue
         if isinstance(value, Secret):
             text = value.reveal()
