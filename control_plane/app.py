@@ -56,11 +56,14 @@ def create_app(state: AppState) -> FastAPI:
         if request.method in _BODY_METHODS and request.headers.get("content-length", "0") != "0":
             ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
             if ctype != "application/json":
-                response = errors.error_response(
-                    request, 415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json"
+                refused: Response = errors.error_response(
+                    request,
+                    415,
+                    "unsupported_media_type",
+                    "send the body as JSON with Content-Type: application/json",
                 )
-                response.headers["X-Request-ID"] = rid
-                return response
+                refused.headers["X-Request-ID"] = rid
+                return refused
         response = await call_next(request)
         response.headers["X-Request-ID"] = rid
         return response
@@ -143,7 +146,9 @@ async def serve(settings: Settings) -> None:
         await grpc_server.start()
         state = AppState(settings, db, cache, Authenticator(settings.admin_token))
         server = _Server(
-            uvicorn.Config(create_app(state), log_config=None, access_log=False, lifespan="off", server_header=False)
+            uvicorn.Config(
+                create_app(state), log_config=None, access_log=False, lifespan="off", server_header=False
+            )
         )
         api = asyncio.create_task(server.serve(sockets=[admin_sock]), name="admin-api")
         log.info(

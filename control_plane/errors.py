@@ -1,14 +1,14 @@
 """The control plane's error tree; each class maps to one HTTP status in ``api/errors.py``.
 
-    TenantgateError (shared.errors)
-    └── ControlPlaneError
-        ├── ApiError                       an admin API request cannot be served as asked
-        │   ├── Unauthorized        401
-        │   ├── Forbidden           403
-        │   ├── NotFound            404
-        │   ├── Conflict            409
-        │   └── Unprocessable       422   (``field`` names the offending field)
-        └── StoreUnavailable        503   Postgres cannot be reached (asyncpg/OSError mapped in store/)
+TenantgateError (shared.errors)
+└── ControlPlaneError
+    ├── ApiError                       an admin API request cannot be served as asked
+    │   ├── Unauthorized        401
+    │   ├── Forbidden           403
+    │   ├── NotFound            404
+    │   ├── Conflict            409
+    │   └── Unprocessable       422   (``field`` names the offending field)
+    └── StoreUnavailable        503   Postgres cannot be reached (asyncpg/OSError mapped in store/)
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ class ConfigClient:
         self._metadata = (("authorization", f"Bearer {settings.cluster_token.reveal()}"),)
         self._node_id = settings.node_id
         self._holder = holder
-        self._rng = rng or random.Random()
+        self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not a secret
         self.status = ClusterStatus()
 
     async def run(self) -> None:
@@ -78,7 +78,9 @@ class ConfigClient:
     def _disconnected(self, exc: aio.AioRpcError) -> None:
         code = exc.code()
         if code == grpc.StatusCode.UNAUTHENTICATED:
-            message = f"the control plane at {self._addr} refused the cluster token; check TENANTGATE_CLUSTER_TOKEN"
+            message = (
+                f"the control plane at {self._addr} refused the cluster token; check TENANTGATE_CLUSTER_TOKEN"
+            )
         elif code == grpc.StatusCode.UNAVAILABLE:
             message = f"control plane at {self._addr} unavailable: {exc.details()}"
         else:
@@ -118,11 +120,18 @@ class ConfigClient:
             compiled = compile_snapshot(update.snapshot)
         except (InvalidSnapshot, ValueError) as exc:
             self.status.nacks += 1
-            log.error("snapshot rejected; keeping the previous one", extra={"config_version": version, "error": str(exc)})
+            log.error(
+                "snapshot rejected; keeping the previous one",
+                extra={"config_version": version, "error": str(exc)},
+            )
             return cluster_pb2.WatchRequest(nack=cluster_pb2.Nack(version=version, error=str(exc)[:1000]))
         self._holder.swap(compiled, "control_plane")
         log.info(
             "snapshot applied",
-            extra={"config_version": version, "compile_ms": round(compiled.compile_ms, 2), "routes": compiled.router.size},
+            extra={
+                "config_version": version,
+                "compile_ms": round(compiled.compile_ms, 2),
+                "routes": compiled.router.size,
+            },
         )
         return cluster_pb2.WatchRequest(ack=cluster_pb2.Ack(version=version))

@@ -11,7 +11,7 @@ pipeline turns any of them into the SPEC error body in one place (``pipeline.err
         ├── PayloadTooLarge         413
         ├── NotReady                503  no snapshot loaded yet
         └── UpstreamError
-            ├── UpstreamUnavailable 502  connect error or invalid response (aiohttp errors mapped in upstream/)
+            ├── UpstreamUnavailable 502  connect error or invalid response (mapped in upstream/)
             └── UpstreamTimeout     504
 """
 

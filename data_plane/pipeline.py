@@ -119,7 +119,11 @@ class Pipeline:
         rid: str,
     ) -> web.StreamResponse:
         upstream = snap.upstreams[route.route.id]
-        raw_path = strip_segments(target.raw_path, route.strip_count) if route.route.strip_prefix else target.raw_path
+        raw_path = (
+            strip_segments(target.raw_path, route.strip_count)
+            if route.route.strip_prefix
+            else target.raw_path
+        )
         url = upstream.url(raw_path, target.raw_query)
         headers = self._upstream_headers(request, tenant, rid)
         body = stream_body(request.content) if request.body_exists else None
@@ -146,7 +150,9 @@ class Pipeline:
         finally:
             up.release()
 
-    def _upstream_headers(self, request: web.BaseRequest, tenant: Tenant | None, rid: str) -> CIMultiDict[str]:
+    def _upstream_headers(
+        self, request: web.BaseRequest, tenant: Tenant | None, rid: str
+    ) -> CIMultiDict[str]:
         incoming = request.headers
         connection_tokens = _connection_tokens(incoming.getall("Connection", ()))
         out: CIMultiDict[str] = CIMultiDict()
@@ -187,4 +193,3 @@ def _is_trusted(peer: str, networks: tuple[object, ...]) -> bool:
     except ValueError:
         return False
     return any(addr in net for net in networks)  # type: ignore[operator]
-

@@ -19,11 +19,12 @@ from data_plane.errors import BadRequest
 
 MAX_TARGET_LENGTH: Final = 8192
 # RFC 3986 path characters plus "%" for escapes; everything else is refused in the raw path.
-_RAW_PATH_OK = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,=:@/%]*$")
+_RAW_PATH_OK = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,=:@/%]*")
 _FORBIDDEN_ESCAPES = re.compile(r"%(?:2[fF]|5[cC]|00)")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_RAW_QUERY_OK = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,;=:@/?%\[\]|^`{}\"<> ]*$")
+# C0, DEL and C1 controls.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_RAW_QUERY_OK = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%\[\]|^`{}\"<> ]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,13 +43,13 @@ def canonicalise(raw_target: str) -> Target:
     if "#" in raw_target:
         raise BadRequest("request target must not contain a fragment", code="bad_target")
     raw_path, _, raw_query = raw_target.partition("?")
-    if not _RAW_PATH_OK.match(raw_path):
+    if not _RAW_PATH_OK.fullmatch(raw_path):
         raise BadRequest("path contains characters that are not allowed", code="bad_path")
     if _FORBIDDEN_ESCAPES.search(raw_path):
         raise BadRequest("path must not contain encoded '/', '\\' or NUL", code="bad_path")
     if _BAD_ESCAPE.search(raw_path):
         raise BadRequest("path contains a malformed percent-escape", code="bad_path")
-    if raw_query and not _RAW_QUERY_OK.match(raw_query):
+    if raw_query and not _RAW_QUERY_OK.fullmatch(raw_query):
         raise BadRequest("query contains characters that are not allowed", code="bad_query")
     if "%" in raw_path:
         try:

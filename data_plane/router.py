@@ -3,8 +3,8 @@
 Lookup walks the request path's segments once, following literal children and the
 parameter child, and collecting wildcard routes passed on the way; its cost depends on the
 path's depth, not on the number of routes. Among matching routes the most specific wins:
-exact > parameter > wildcard, then the longer literal prefix, then the longer pattern, then
-the higher ``priority``, then the older route. A path matching only routes that do not
+exact > parameter > wildcard, then the longer literal prefix, then the higher ``priority``,
+then the longer pattern, then the older route. A path matching only routes that do not
 allow the method gives 405 with the union of their methods.
 
 A single trailing slash is ignored when matching (``/a/b/`` matches ``/a/b``), so that no
@@ -59,7 +59,7 @@ class Router:
         segments = pattern.segments
         kinds = {kind for kind, _ in segments}
         klass = 2 if patterns.WILDCARD in kinds else 1 if patterns.PARAM in kinds else 0
-        rank = (klass, -pattern.literal_prefix_length, -len(segments), -route.priority, order)
+        rank = (klass, -pattern.literal_prefix_length, -route.priority, -len(segments), order)
         methods = frozenset(route.methods) if route.methods else _ALL_METHODS
         wildcard = bool(segments) and segments[-1][0] == patterns.WILDCARD
         strip = len(segments) - 1 if wildcard else len(segments)

@@ -42,14 +42,18 @@ def _json(status: int, payload: dict[str, Any]) -> web.Response:
     return web.Response(status=status, text=json.dumps(payload), content_type="application/json")
 
 
-def status_app(settings: Settings, holder: Holder, config: ConfigClient, redis: RedisBackend) -> web.Application:
+def status_app(
+    settings: Settings, holder: Holder, config: ConfigClient, redis: RedisBackend
+) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return _json(200, {"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
         current = holder.current
         if current is None:
-            body = {"error": {"code": "not_ready", "message": "no configuration loaded yet", "request_id": ""}}
+            body = {
+                "error": {"code": "not_ready", "message": "no configuration loaded yet", "request_id": ""}
+            }
             return _json(503, body)
         return _json(200, {"status": "ready", "config_version": current.version})
 
@@ -97,8 +101,10 @@ async def run_worker(settings: Settings, *, reuse_port: bool) -> None:
     try:
         await proxy.setup()
         await status.setup()
-        for runner, addr, name in ((proxy, settings.proxy_listen, "PROXY_LISTEN"),
-                                   (status, settings.status_listen, "STATUS_LISTEN")):
+        for runner, addr, name in (
+            (proxy, settings.proxy_listen, "PROXY_LISTEN"),
+            (status, settings.status_listen, "STATUS_LISTEN"),
+        ):
             site = web.TCPSite(runner, addr.host, addr.port, reuse_port=reuse_port or None, backlog=2048)
             try:
                 await site.start()
@@ -110,8 +116,12 @@ async def run_worker(settings: Settings, *, reuse_port: bool) -> None:
         ]
         log.info(
             "data plane worker ready",
-            extra={"proxy": str(settings.proxy_listen), "status": str(settings.status_listen),
-                   "cp_addr": str(settings.cp_addr), "node_id": settings.node_id},
+            extra={
+                "proxy": str(settings.proxy_listen),
+                "status": str(settings.status_listen),
+                "cp_addr": str(settings.cp_addr),
+                "node_id": settings.node_id,
+            },
         )
         await stop.wait()
         log.info("data plane worker draining", extra={"node_id": settings.node_id})
@@ -163,7 +173,9 @@ def supervise(settings: Settings, worker_argv: list[str]) -> int:
             if code is None or stopping:
                 continue
             if time.monotonic() - started < EARLY_EXIT_S:
-                log.error("data plane worker failed at start; stopping", extra={"worker": index, "exit_code": code})
+                log.error(
+                    "data plane worker failed at start; stopping", extra={"worker": index, "exit_code": code}
+                )
                 stopping, exit_code = True, code or 1
                 break
             log.error("data plane worker died; restarting", extra={"worker": index, "exit_code": code})
@@ -180,4 +192,3 @@ def supervise(settings: Settings, worker_argv: list[str]) -> int:
             proc.kill()
             proc.wait()
     return exit_code
-

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command in _ROLES:
-        os.execv(sys.executable, [sys.executable, *_ROLES[command], *rest])
+        os.execv(sys.executable, [sys.executable, *_ROLES[command], *rest])  # noqa: S606
     if command == "up":
         return _up(rest)
     print(f"tenantgate: unknown command {command!r}\n\n{USAGE}", file=sys.stderr, end="")
@@ -51,7 +51,9 @@ def _up(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="tenantgate up", description="Run the whole gateway on this machine; Ctrl-C stops it."
     )
-    parser.add_argument("--demo", action="store_true", help="also start an echo upstream, a demo tenant and route")
+    parser.add_argument(
+        "--demo", action="store_true", help="also start an echo upstream, a demo tenant and route"
+    )
     tg_settings.add_arguments(parser)
     args = parser.parse_args(argv)
     with tg_settings.exit_on_bad_settings():

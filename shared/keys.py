@@ -13,7 +13,7 @@ import secrets
 from typing import Final
 
 API_KEY_PREFIX: Final = "tg_"
-ADMIN_TOKEN_PREFIX: Final = "tga_"
+ADMIN_TOKEN_PREFIX: Final = "tga_"  # noqa: S105 - a prefix, not a secret
 KEY_RANDOM_BYTES: Final = 32
 # Characters after the type prefix kept for display ("tg_AbCd1234…"); 48 of 256 bits.
 DISPLAY_PREFIX_CHARS: Final = 8

@@ -127,7 +127,9 @@ def from_proto(msg: pb.Snapshot) -> Snapshot:
             )
             for t in msg.tenants
         ),
-        api_keys=tuple(ApiKey(id=k.id, tenant_id=k.tenant_id, key_hash=bytes(k.key_hash)) for k in msg.api_keys),
+        api_keys=tuple(
+            ApiKey(id=k.id, tenant_id=k.tenant_id, key_hash=bytes(k.key_hash)) for k in msg.api_keys
+        ),
         routes=tuple(
             Route(
                 id=r.id,

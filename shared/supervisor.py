@@ -77,7 +77,10 @@ class Cluster:
         settings = dataclasses.replace(settings, cp_addr=HostPort("127.0.0.1", cluster_port))
         self.settings = settings
 
-        say(f"starting the control plane (admin API {settings.admin_listen}, cluster {settings.cluster_listen}) ...")
+        say(
+            f"starting the control plane (admin API {settings.admin_listen},"
+            f" cluster {settings.cluster_listen}) ..."
+        )
         self._spawn("control plane", ["-m", "control_plane", "serve"], settings, exclude=("WORKERS",))
         self._wait_ready("control plane", f"http://{_local(settings.admin_listen)}/readyz")
         say(f"starting the data plane ({settings.workers} workers, proxy {settings.proxy_listen}) ...")
@@ -94,12 +97,15 @@ class Cluster:
             with contextlib.suppress(ValueError, OSError):
                 stored = json.loads(path.read_text())
         changed = False
-        for name, field in (("ADMIN_TOKEN", "admin_token"), ("CLUSTER_TOKEN", "cluster_token")):
+        for field in ("admin_token", "cluster_token"):
             if getattr(settings, field) is None:
                 value = stored.get(field) or keys.generate_token(prefix="")
                 changed |= stored.get(field) != value
                 stored[field] = value
-                settings = dataclasses.replace(settings, **{field: Secret(value)})
+                if field == "admin_token":
+                    settings = dataclasses.replace(settings, admin_token=Secret(value))
+                else:
+                    settings = dataclasses.replace(settings, cluster_token=Secret(value))
         if changed:
             _write_private(path, json.dumps(stored))
         return settings
@@ -112,7 +118,7 @@ class Cluster:
             env=env,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches only us; we stop children in order
-            preexec_fn=die_with_parent,  # noqa: PLW1509
+            preexec_fn=die_with_parent,
         )
         self.children.append(Child(name, proc))
 
@@ -122,11 +128,11 @@ class Cluster:
         last_note = time.monotonic()
         while time.monotonic() < deadline and not self.stopping:
             if child.proc.poll() is not None:
-                raise UpError(f"the {name} exited at start (code {child.proc.returncode}); its error is above")
-            with contextlib.suppress(OSError, ValueError):
-                with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - our own loopback URL
-                    if resp.status == 200:
-                        return
+                raise UpError(
+                    f"the {name} exited at start (code {child.proc.returncode}); its error is above"
+                )
+            if _get(url, {}) == 200:
+                return
             if time.monotonic() - last_note > 5:
                 say(f"waiting for the {name} to become ready ...")
                 last_note = time.monotonic()
@@ -158,8 +164,12 @@ class Cluster:
         if demo.get("echo_port") != port:
             # A new route for a new port; a higher priority makes it win over an older demo route.
             priority = int(demo.get("route_priority", -1)) + 1
-            _post(admin, token, "/admin/routes",
-                  {"path": DEMO_ROUTE, "upstream": f"http://127.0.0.1:{port}", "priority": priority})
+            _post(
+                admin,
+                token,
+                "/admin/routes",
+                {"path": DEMO_ROUTE, "upstream": f"http://127.0.0.1:{port}", "priority": priority},
+            )
             demo.update(echo_port=port, route_priority=priority)
         _write_private(path, json.dumps(demo))
         deadline = time.monotonic() + 10
@@ -175,7 +185,7 @@ class Cluster:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=die_with_parent,  # noqa: PLW1509
+            preexec_fn=die_with_parent,
         )
         self.children.append(Child("echo upstream", proc))
 
@@ -281,7 +291,8 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def _request(url: str, headers: dict[str, str], data: bytes | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data is not None else "GET")  # noqa: S310
+    method = "POST" if data is not None else "GET"
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310 - loopback
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - our own loopback URL
             return resp.status, resp.read()
@@ -308,4 +319,3 @@ def _post(admin: str, token: str, path: str, body: dict[str, Any]) -> Any:
     if status != 201:
         raise UpError(f"admin API {path} answered {status}: {parsed}")
     return parsed
-

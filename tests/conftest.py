@@ -57,7 +57,7 @@ def postgres_admin_url() -> Iterator[str]:
         yield LOCAL_POSTGRES
         return
     with tempfile.TemporaryDirectory(prefix="tg-test-pg-") as tmp:
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o755)  # noqa: S103 - the embedded server runs as another user
         server = EmbeddedPostgres(Path(tmp) / "pgdata")
         try:
             yield server.start()

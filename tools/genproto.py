@@ -42,8 +42,9 @@ def main() -> int:
         if path.suffix not in (".py", ".pyi"):
             continue
         text = path.read_text()
-        text = re.sub(r"^from tenantgate\.v1 import", "from shared._generated.tenantgate.v1 import", text,
-                      flags=re.M)
+        text = re.sub(
+            r"^from tenantgate\.v1 import", "from shared._generated.tenantgate.v1 import", text, flags=re.M
+        )
         path.write_text(HEADER + text)
     for pkg in (OUT_DIR, OUT_DIR / "tenantgate", OUT_DIR / "tenantgate" / "v1"):
         (pkg / "__init__.py").touch()

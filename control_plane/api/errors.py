@@ -14,13 +14,23 @@ from control_plane.errors import ControlPlaneError, StoreUnavailable, Unauthoriz
 
 log = logging.getLogger(__name__)
 
-_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
-                 422: "invalid_request", 503: "unavailable"}
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    503: "unavailable",
+}
 
 
-def error_response(request: Request, status: int, code: str, message: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     request_id = getattr(request.state, "request_id", "")
     body = {"error": {"code": code, "message": message, "request_id": request_id}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -35,7 +45,9 @@ def _location(loc: tuple[Any, ...]) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ControlPlaneError)
     async def _own(request: Request, exc: ControlPlaneError) -> JSONResponse:
-        headers = {"WWW-Authenticate": 'Bearer realm="tenantgate-admin"'} if isinstance(exc, Unauthorized) else None
+        headers = (
+            {"WWW-Authenticate": 'Bearer realm="tenantgate-admin"'} if isinstance(exc, Unauthorized) else None
+        )
         if isinstance(exc, StoreUnavailable):
             log.warning("admin request failed: Postgres unavailable", extra={"error": str(exc)})
             headers = {"Retry-After": "1"}
@@ -61,5 +73,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error in admin API", extra={"request_id": getattr(request.state, "request_id", "")})
+        log.exception(
+            "unhandled error in admin API", extra={"request_id": getattr(request.state, "request_id", "")}
+        )
         return error_response(request, 500, "internal_error", "internal error; see the control plane log")

@@ -29,9 +29,13 @@ _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
 class RouteCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    path: Annotated[str, Field(min_length=1, max_length=patterns.MAX_PATTERN_LENGTH, examples=["/api/users/*"])]
+    path: Annotated[
+        str, Field(min_length=1, max_length=patterns.MAX_PATTERN_LENGTH, examples=["/api/users/*"])
+    ]
     upstream: Annotated[str, Field(min_length=1, max_length=2048, examples=["http://user-service:3000"])]
-    methods: list[str] = Field(default_factory=list, description="Allowed methods; empty allows every method.")
+    methods: list[str] = Field(
+        default_factory=list, description="Allowed methods; empty allows every method."
+    )
     auth_required: bool = True
     rate_limit: Annotated[int, Field(gt=0, le=2_147_483_647)] | None = Field(
         None, description="Per-tenant requests per minute on this route, on top of the tenant's limits."

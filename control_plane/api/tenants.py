@@ -52,7 +52,9 @@ class TenantCreated(BaseModel):
 
 
 @router.post("", status_code=201, response_model=TenantCreated)
-async def create_tenant(body: TenantCreate, state: State, caller: Caller, response: Response) -> TenantCreated:
+async def create_tenant(
+    body: TenantCreate, state: State, caller: Caller, response: Response
+) -> TenantCreated:
     caller.require_admin()
     defaults = TIERS[body.tier]
     created = await store.create(

@@ -9,6 +9,7 @@ Pokes that arrive while a build runs coalesce into one more build. Watchers wait
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -64,7 +65,9 @@ class SnapshotCache:
     async def wait_newer(self, version: int) -> BuiltSnapshot:
         """Return the current snapshot as soon as its version is greater than ``version``."""
         async with self._changed:
-            await self._changed.wait_for(lambda: self._current is not None and self._current.version > version)
+            await self._changed.wait_for(
+                lambda: self._current is not None and self._current.version > version
+            )
             assert self._current is not None
             return self._current
 
@@ -72,10 +75,8 @@ class SnapshotCache:
         while True:
             if self._listener is None or not self._listener.alive:
                 await self._listen()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), timeout=POLL_INTERVAL_S)
-            except TimeoutError:
-                pass
             self._poke.clear()
             try:
                 await self._rebuild()

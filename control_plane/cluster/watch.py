@@ -63,15 +63,13 @@ class NodeRegistry:
         return node
 
 
-class ClusterService(cluster_pb2_grpc.ClusterServicer):
+class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
     def __init__(self, cache: SnapshotCache, cluster_token: Secret, registry: NodeRegistry) -> None:
         self._cache = cache
         self._token = cluster_token.reveal()
         self._registry = registry
 
-    async def Watch(  # noqa: N802 - the generated servicer's name
-        self, request_iterator: object, context: aio.ServicerContext
-    ) -> None:
+    async def Watch(self, request_iterator: object, context: aio.ServicerContext) -> None:
         if not self._authorised(context):
             log.warning("refused a data plane with a wrong cluster token", extra={"peer": context.peer()})
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid cluster token")
@@ -102,7 +100,9 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
                 return keys.secrets_equal(value[len("Bearer ") :], self._token)
         return False
 
-    async def _send_updates(self, context: aio.ServicerContext, node: NodeState, reader: asyncio.Task[None]) -> None:
+    async def _send_updates(
+        self, context: aio.ServicerContext, node: NodeState, reader: asyncio.Task[None]
+    ) -> None:
         have = node.acked_version
         while not reader.done():
             waiter = asyncio.ensure_future(self._cache.wait_newer(have))
@@ -128,13 +128,19 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             if kind == "ack":
                 node.acked_version = msg.ack.version
                 node.last_error = ""
-                log.debug("snapshot acked", extra={"node_id": node.node_id, "config_version": msg.ack.version})
+                log.debug(
+                    "snapshot acked", extra={"node_id": node.node_id, "config_version": msg.ack.version}
+                )
             elif kind == "nack":
                 node.nacked_version = msg.nack.version
                 node.last_error = msg.nack.error[:1000]
                 log.warning(
                     "snapshot nacked",
-                    extra={"node_id": node.node_id, "config_version": msg.nack.version, "error": node.last_error},
+                    extra={
+                        "node_id": node.node_id,
+                        "config_version": msg.nack.version,
+                        "error": node.last_error,
+                    },
                 )
 
 

@@ -67,7 +67,8 @@ async def load_snapshot(db: Database) -> model.Snapshot:
             for r in tenant_rows
         ),
         api_keys=tuple(
-            model.ApiKey(id=r["id"], tenant_id=r["tenant_id"], key_hash=bytes(r["key_hash"])) for r in key_rows
+            model.ApiKey(id=r["id"], tenant_id=r["tenant_id"], key_hash=bytes(r["key_hash"]))
+            for r in key_rows
         ),
         routes=tuple(
             model.Route(

@@ -30,7 +30,7 @@ class RedisBackend:
     async def ping(self) -> bool:
         try:
             await self._client.ping()
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RedisError, OSError) as exc:
             if self.ok:
                 log.warning("Redis unreachable", extra={"error": repr(exc)})
             self.ok = False

@@ -8,7 +8,6 @@ re-normalised.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
@@ -26,8 +25,17 @@ DNS_CACHE_TTL_S: Final = 10
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies meet in practice.
 HOP_BY_HOP: Final = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
-     "trailer", "transfer-encoding", "upgrade"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
 )
 
 
@@ -97,7 +105,7 @@ class UpstreamClient:
         url: URL,
         headers: CIMultiDict[str],
         body: AsyncIterator[bytes] | None,
-        timeout: aiohttp.ClientTimeout,
+        client_timeout: aiohttp.ClientTimeout,
     ) -> aiohttp.ClientResponse:
         """Send the request and return once the response head has arrived."""
         assert self._session is not None, "UpstreamClient.start() was not called"
@@ -108,14 +116,16 @@ class UpstreamClient:
                 headers=headers,
                 data=body,
                 allow_redirects=False,
-                timeout=timeout,
+                timeout=client_timeout,
                 compress=None,
                 chunked=None,
             )
-        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout("the upstream did not answer in time") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamUnavailable("cannot connect to the upstream", code="upstream_connect_error") from exc
+            raise UpstreamUnavailable(
+                "cannot connect to the upstream", code="upstream_connect_error"
+            ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamUnavailable("the upstream sent an invalid response", code="upstream_error") from exc
 

@@ -39,7 +39,12 @@ class Response:
 
 
 def http(
-    method: str, url: str, *, headers: dict[str, str] | None = None, body: bytes | None = None, json_body: Any = None,
+    method: str,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+    json_body: Any = None,
     timeout: float = 10.0,
 ) -> Response:
     all_headers = dict(headers or {})
@@ -54,7 +59,9 @@ def http(
         return Response(exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read())
 
 
-def wait_for(predicate: Any, timeout: float = READY_TIMEOUT_S, interval: float = 0.05, what: str = "condition") -> Any:
+def wait_for(
+    predicate: Any, timeout: float = READY_TIMEOUT_S, interval: float = 0.05, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -106,7 +113,11 @@ class Processes:
         log_path = self.tmp / f"{name}-{len(self.procs)}.log"
         log_file = log_path.open("wb")
         popen = subprocess.Popen(
-            [sys.executable, *args], env=full_env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            [sys.executable, *args],
+            env=full_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         log_file.close()
         proc = Proc(name, popen, log_path, full_env)

@@ -39,15 +39,27 @@ def _start_up(
 ) -> tuple[subprocess.Popen[str], queue.Queue[str], threading.Thread]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTGATE_")}
     args = [
-        sys.executable, "-m", "shared.cli", "up", "--demo", "--workers", "2",
-        "--data-dir", str(tmp_path / "data"),
-        "--proxy-listen", f"127.0.0.1:{ports['proxy']}",
-        "--status-listen", f"127.0.0.1:{ports['status']}",
-        "--admin-listen", f"127.0.0.1:{ports['admin']}",
-        "--cluster-listen", f"127.0.0.1:{ports['cluster']}",
+        sys.executable,
+        "-m",
+        "shared.cli",
+        "up",
+        "--demo",
+        "--workers",
+        "2",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--proxy-listen",
+        f"127.0.0.1:{ports['proxy']}",
+        "--status-listen",
+        f"127.0.0.1:{ports['status']}",
+        "--admin-listen",
+        f"127.0.0.1:{ports['admin']}",
+        "--cluster-listen",
+        f"127.0.0.1:{ports['cluster']}",
     ]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL
+    )
     lines: queue.Queue[str] = queue.Queue()
 
     def pump() -> None:
@@ -85,7 +97,9 @@ def test_up_demo_serves_the_demo_route_and_stops_cleanly(tmp_path: Path) -> None
         assert re.search(r"admin token\s+\S{20,}", output), output
         children = psutil.Process(proc.pid).children(recursive=True)
 
-        with_key = http("GET", f"http://127.0.0.1:{ports['proxy']}/demo/hello", headers={"X-API-Key": key.group(1)})
+        with_key = http(
+            "GET", f"http://127.0.0.1:{ports['proxy']}/demo/hello", headers={"X-API-Key": key.group(1)}
+        )
         without = http("GET", f"http://127.0.0.1:{ports['proxy']}/demo/hello")
 
         assert with_key.status == 200 and with_key.json()["path"] == "/demo/hello"

@@ -37,11 +37,16 @@ def _served_version(dp: DataPlane) -> int:
     return version
 
 
-def _setup_tenant_and_route(cp: ControlPlane, dp: DataPlane, upstream: str, **route: object) -> tuple[str, str]:
+def _setup_tenant_and_route(
+    cp: ControlPlane, dp: DataPlane, upstream: str, **route: object
+) -> tuple[str, str]:
     tenant = cp.api("POST", "/admin/tenants", {"name": "Acme Corp", "tier": "premium"})
     assert tenant.status == 201, tenant.body
-    created = cp.api("POST", "/admin/routes", {"path": "/api/users/*", "upstream": upstream,
-                                               "methods": ["GET", "POST"], **route})
+    created = cp.api(
+        "POST",
+        "/admin/routes",
+        {"path": "/api/users/*", "upstream": upstream, "methods": ["GET", "POST"], **route},
+    )
     assert created.status == 201, created.body
     version = created.json()["config_version"]
     wait_for(lambda: _served_version(dp) >= version, what="route to reach the data plane")
@@ -52,7 +57,9 @@ def test_request_with_key_is_proxied_to_upstream(procs: Processes, database_url:
     cp, dp, upstream = _cluster(procs, database_url, redis_url)
     key, tenant_id = _setup_tenant_and_route(cp, dp, upstream)
 
-    resp = dp.get("/api/users/123?x=1", {"X-API-Key": key, "X-Tenant-ID": "someone-else", "X-Request-ID": "req-1"})
+    resp = dp.get(
+        "/api/users/123?x=1", {"X-API-Key": key, "X-Tenant-ID": "someone-else", "X-Request-ID": "req-1"}
+    )
 
     assert resp.status == 200, resp.body
     seen = resp.json()
@@ -84,7 +91,9 @@ def test_missing_or_wrong_key_is_401_and_upstream_sees_nothing(
     assert wrong.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_unknown_path_is_404_and_wrong_method_is_405(procs: Processes, database_url: str, redis_url: str) -> None:
+def test_unknown_path_is_404_and_wrong_method_is_405(
+    procs: Processes, database_url: str, redis_url: str
+) -> None:
     cp, dp, upstream = _cluster(procs, database_url, redis_url)
     key, _ = _setup_tenant_and_route(cp, dp, upstream)
 
@@ -134,7 +143,9 @@ def test_tenant_limits_default_from_tier(procs: Processes, database_url: str) ->
     cp = start_control_plane(procs, database_url)
 
     free = cp.api("POST", "/admin/tenants", {"name": "Small"}).json()
-    custom = cp.api("POST", "/admin/tenants", {"name": "Big", "tier": "premium", "rate_limit_per_minute": 1000}).json()
+    custom = cp.api(
+        "POST", "/admin/tenants", {"name": "Big", "tier": "premium", "rate_limit_per_minute": 1000}
+    ).json()
 
     assert (free["tier"], free["rate_limit_per_minute"], free["rate_limit_per_hour"]) == ("free", 60, 1000)
     assert custom["rate_limit_per_minute"] == 1000
@@ -145,7 +156,9 @@ def test_tenant_limits_default_from_tier(procs: Processes, database_url: str) ->
     ("token", "status"),
     [("", 401), ("wrong-token-0123456789", 401), (ADMIN_TOKEN, 201)],
 )
-def test_admin_api_requires_the_admin_token(procs: Processes, database_url: str, token: str, status: int) -> None:
+def test_admin_api_requires_the_admin_token(
+    procs: Processes, database_url: str, token: str, status: int
+) -> None:
     cp = start_control_plane(procs, database_url)
 
     resp = cp.api("POST", "/admin/tenants", {"name": "X"}, token=token)
@@ -177,7 +190,9 @@ def test_invalid_route_is_422_naming_the_field(
     assert resp.json()["error"]["message"].startswith(field)
 
 
-def test_data_plane_is_not_ready_until_it_has_a_snapshot(procs: Processes, database_url: str, redis_url: str) -> None:
+def test_data_plane_is_not_ready_until_it_has_a_snapshot(
+    procs: Processes, database_url: str, redis_url: str
+) -> None:
     cluster_port = free_port()
     dp = start_data_plane(procs, f"127.0.0.1:{cluster_port}", redis_url, wait_ready=False)
     assert http("GET", dp.status_url + "/readyz").status == 503
@@ -193,8 +208,13 @@ def test_data_plane_is_not_ready_until_it_has_a_snapshot(procs: Processes, datab
 def test_wrong_cluster_token_is_refused(procs: Processes, database_url: str, redis_url: str) -> None:
     cp = start_control_plane(procs, database_url)
 
-    dp = start_data_plane(procs, cp.cluster_addr, redis_url, wait_ready=False,
-                          TENANTGATE_CLUSTER_TOKEN="not-the-cluster-token-000")
+    dp = start_data_plane(
+        procs,
+        cp.cluster_addr,
+        redis_url,
+        wait_ready=False,
+        TENANTGATE_CLUSTER_TOKEN="not-the-cluster-token-000",
+    )
 
     wait_for(lambda: "refused the cluster token" in dp.status()["last_error"], what="token refusal")
     assert http("GET", dp.status_url + "/readyz").status == 503
@@ -215,22 +235,42 @@ def test_concurrent_migrations_do_not_race(procs: Processes, database_url: str) 
 @pytest.mark.parametrize(
     ("module", "env", "setting"),
     [
-        ("data_plane", {"TENANTGATE_CLUSTER_TOKEN": CLUSTER_TOKEN, "TENANTGATE_PROXY_LISTEN": "nonsense"},
-         "TENANTGATE_PROXY_LISTEN"),
+        (
+            "data_plane",
+            {"TENANTGATE_CLUSTER_TOKEN": CLUSTER_TOKEN, "TENANTGATE_PROXY_LISTEN": "nonsense"},
+            "TENANTGATE_PROXY_LISTEN",
+        ),
         ("data_plane", {}, "TENANTGATE_CLUSTER_TOKEN"),
         ("data_plane", {"TENANTGATE_CLUSTER_TOKEN": "short"}, "TENANTGATE_CLUSTER_TOKEN"),
-        ("data_plane", {"TENANTGATE_CLUSTER_TOKEN": CLUSTER_TOKEN, "TENANTGATE_RATELIMIT_FAILURE_MODE": "maybe"},
-         "TENANTGATE_RATELIMIT_FAILURE_MODE"),
-        ("control_plane", {"TENANTGATE_DATABASE_URL": "mysql://x", "TENANTGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-                           "TENANTGATE_CLUSTER_TOKEN": CLUSTER_TOKEN}, "TENANTGATE_DATABASE_URL"),
-        ("control_plane", {"TENANTGATE_DATABASE_URL": "postgresql://x/y", "TENANTGATE_CLUSTER_TOKEN": CLUSTER_TOKEN},
-         "TENANTGATE_ADMIN_TOKEN"),
+        (
+            "data_plane",
+            {"TENANTGATE_CLUSTER_TOKEN": CLUSTER_TOKEN, "TENANTGATE_RATELIMIT_FAILURE_MODE": "maybe"},
+            "TENANTGATE_RATELIMIT_FAILURE_MODE",
+        ),
+        (
+            "control_plane",
+            {
+                "TENANTGATE_DATABASE_URL": "mysql://x",
+                "TENANTGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+                "TENANTGATE_CLUSTER_TOKEN": CLUSTER_TOKEN,
+            },
+            "TENANTGATE_DATABASE_URL",
+        ),
+        (
+            "control_plane",
+            {"TENANTGATE_DATABASE_URL": "postgresql://x/y", "TENANTGATE_CLUSTER_TOKEN": CLUSTER_TOKEN},
+            "TENANTGATE_ADMIN_TOKEN",
+        ),
     ],
 )
 def test_bad_setting_stops_the_process_with_one_line(module: str, env: dict[str, str], setting: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", module], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True,
-        timeout=60, check=False,
+        [sys.executable, "-m", module],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
     assert result.returncode == 2
@@ -242,8 +282,12 @@ def test_bad_setting_stops_the_process_with_one_line(module: str, env: dict[str,
 def test_admin_errors_use_the_error_body(procs: Processes, database_url: str) -> None:
     cp = start_control_plane(procs, database_url)
 
-    not_json = http("POST", cp.admin_url + "/admin/tenants", body=b"{oops",
-                    headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"})
+    not_json = http(
+        "POST",
+        cp.admin_url + "/admin/tenants",
+        body=b"{oops",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
+    )
     unknown = cp.api("GET", "/admin/nowhere")
 
     assert not_json.status == 400 and json.loads(not_json.body)["error"]["code"] == "invalid_json"

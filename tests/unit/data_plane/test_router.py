@@ -102,11 +102,6 @@ def test_older_route_wins_full_tie() -> None:
     assert _winner(router, "/a/1") == "first"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Router ranks a longer pattern before priority (rank has -len(segments) before -priority); "
-    "SPEC §3 orders only class, literal prefix, then priority",
-)
 def test_priority_breaks_ties_between_wildcards_of_different_depth() -> None:
     # Same class (wildcard), same literal prefix (1): per SPEC the priority decides.
     router = Router([_route("shallow", "/a/*", priority=10), _route("deep", "/a/{x}/*", priority=0)])

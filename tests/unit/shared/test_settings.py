@@ -365,11 +365,6 @@ def test_secret_equality_compares_values() -> None:
     assert hash(Secret("abc")) == hash(Secret("abc"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="Secret.__eq__ uses secrets.compare_digest on str, which raises TypeError for non-ASCII values",
-)
 def test_secret_equality_with_non_ascii_value() -> None:
     # _parse_token accepts any printable characters, so such a Secret can come from the environment.
     s = _load(_env(ADMIN_TOKEN="pässwörd-pässwörd"))
