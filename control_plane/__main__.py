@@ -16,15 +16,11 @@ log = logging.getLogger("control_plane")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="tenantgate control-plane", description="Run a control plane replica."
-    )
+    parser = argparse.ArgumentParser(prog="tenantgate control-plane", description="Run a control plane replica.")
     parser.add_argument("command", nargs="?", choices=("serve", "migrate"), default="serve")
     tg_settings.add_arguments(parser)
     args = parser.parse_args(argv)
-    required = (
-        ("DATABASE_URL",) if args.command == "migrate" else ("DATABASE_URL", "ADMIN_TOKEN", "CLUSTER_TOKEN")
-    )
+    required = ("DATABASE_URL",) if args.command == "migrate" else ("DATABASE_URL", "ADMIN_TOKEN", "CLUSTER_TOKEN")
     with tg_settings.exit_on_bad_settings():
         settings = tg_settings.load(args, require=required)
     tg_logging.setup("control-plane", settings.log_level, settings.log_format)

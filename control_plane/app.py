@@ -18,12 +18,14 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 import shared
-from control_plane.api import errors, health, routes, tenants, tiers
+from control_plane.api import config, errors, health, issuers, keys, oauth, routes, tenants, tiers, tokens
 from control_plane.api.deps import AppState
 from control_plane.auth import Authenticator
 from control_plane.cluster.snapshots import SnapshotCache
 from control_plane.cluster.watch import ClusterService, NodeRegistry, create_server
 from control_plane.errors import StoreUnavailable
+from control_plane.jwks import JwksFetcher
+from control_plane.store import signing_keys
 from control_plane.store.db import Database
 from control_plane.store.migrate import migrate
 from shared.settings import HostPort, Settings
@@ -45,8 +47,10 @@ def create_app(state: AppState) -> FastAPI:
     )
     app.state.tenantgate = state
     errors.install(app)
-    for module in (health, tenants, routes, tiers):
-        app.include_router(module.router)
+    app.include_router(health.router)
+    # Every admin endpoint declares the error answers it can give, so /openapi.json is true.
+    for module in (tenants, keys, issuers, oauth, routes, tiers, tokens, config):
+        app.include_router(module.router, responses=errors.ERROR_RESPONSES)
 
     @app.middleware("http")
     async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -136,19 +140,20 @@ async def serve(settings: Settings) -> None:
             applied = await migrate(conn)
         if applied:
             log.info("migrations applied", extra={"count": len(applied)})
+        await signing_keys.ensure_live(db)  # before the first snapshot, which carries it
         cache = SnapshotCache(db)
         await cache.start()
+        fetcher = JwksFetcher(db, cache)
+        await fetcher.start()
         grpc_server = create_server(ClusterService(cache, settings.cluster_token, NodeRegistry()))
         try:
             grpc_server.add_insecure_port(str(settings.cluster_listen))
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {settings.cluster_listen} (TENANTGATE_CLUSTER_LISTEN)") from exc
         await grpc_server.start()
-        state = AppState(settings, db, cache, Authenticator(settings.admin_token))
+        state = AppState(settings, db, cache, Authenticator(settings.admin_token, db))
         server = _Server(
-            uvicorn.Config(
-                create_app(state), log_config=None, access_log=False, lifespan="off", server_header=False
-            )
+            uvicorn.Config(create_app(state), log_config=None, access_log=False, lifespan="off", server_header=False)
         )
         api = asyncio.create_task(server.serve(sockets=[admin_sock]), name="admin-api")
         log.info(
@@ -162,6 +167,7 @@ async def serve(settings: Settings) -> None:
         stopper.cancel()
         await asyncio.wait_for(api, SHUTDOWN_GRACE_S)
         await grpc_server.stop(grace=1.0)
+        await fetcher.stop()
         await cache.stop()
     finally:
         await db.close()

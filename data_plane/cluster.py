@@ -19,8 +19,9 @@ import grpc
 from grpc import aio
 
 import shared
+from data_plane import disk
 from data_plane.snapshot import Holder, compile_snapshot
-from shared._generated.tenantgate.v1 import cluster_pb2, cluster_pb2_grpc
+from shared._generated.tenantgate.v1 import cluster_pb2, cluster_pb2_grpc, snapshot_pb2
 from shared.errors import InvalidSnapshot
 from shared.settings import Settings
 
@@ -50,6 +51,7 @@ class ClusterStatus:
 
 class ConfigClient:
     def __init__(self, settings: Settings, holder: Holder, rng: random.Random | None = None) -> None:
+        self._data_dir = settings.data_dir
         assert settings.cluster_token is not None
         self._addr = str(settings.cp_addr)
         self._metadata = (("authorization", f"Bearer {settings.cluster_token.reveal()}"),)
@@ -57,6 +59,21 @@ class ConfigClient:
         self._holder = holder
         self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not a secret
         self.status = ClusterStatus()
+        self._saving: asyncio.Future[None] | None = None
+
+    def restore_from_disk(self) -> bool:
+        """Serve the last snapshot saved on disk until the control plane answers. True if one was loaded."""
+        msg = disk.load(self._data_dir)
+        if msg is None or self._holder.current is not None:
+            return False
+        try:
+            compiled = compile_snapshot(msg)
+        except (InvalidSnapshot, ValueError) as exc:
+            log.warning("the snapshot on disk is invalid; ignoring it", extra={"error": str(exc)})
+            return False
+        self._holder.swap(compiled, "disk")
+        log.info("serving the snapshot saved on disk", extra={"config_version": compiled.version})
+        return True
 
     async def run(self) -> None:
         """Stay connected until cancelled."""
@@ -78,9 +95,7 @@ class ConfigClient:
     def _disconnected(self, exc: aio.AioRpcError) -> None:
         code = exc.code()
         if code == grpc.StatusCode.UNAUTHENTICATED:
-            message = (
-                f"the control plane at {self._addr} refused the cluster token; check TENANTGATE_CLUSTER_TOKEN"
-            )
+            message = f"the control plane at {self._addr} refused the cluster token; check TENANTGATE_CLUSTER_TOKEN"
         elif code == grpc.StatusCode.UNAVAILABLE:
             message = f"control plane at {self._addr} unavailable: {exc.details()}"
         else:
@@ -103,16 +118,38 @@ class ConfigClient:
                     )
                 )
             )
+            # The control plane sends its headers once it has accepted the token and the Hello,
+            # even when this node is already up to date and no snapshot follows.
+            await call.initial_metadata()
+            if not call.done():
+                self._on_connected()
             while True:
                 update = await call.read()
                 if update is aio.EOF:
                     return received
-                if not self.status.connected:
-                    self.status.connected = True
-                    self.status.last_error = ""
-                    log.info("connected to control plane", extra={"cp_addr": self._addr})
+                self._on_connected()
                 received = True
                 await call.write(self._apply(update))
+
+    def _persist(self, msg: snapshot_pb2.Snapshot) -> None:
+        """Save the snapshot off the event loop; saves run one at a time, newest last."""
+        previous = self._saving
+
+        async def save() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            try:
+                await asyncio.to_thread(disk.save, self._data_dir, msg)
+            except OSError as exc:
+                log.warning("cannot save the snapshot to disk", extra={"error": str(exc)})
+
+        self._saving = asyncio.ensure_future(save())
+
+    def _on_connected(self) -> None:
+        if not self.status.connected:
+            self.status.connected = True
+            self.status.last_error = ""
+            log.info("connected to control plane", extra={"cp_addr": self._addr})
 
     def _apply(self, update: cluster_pb2.ConfigUpdate) -> cluster_pb2.WatchRequest:
         version = update.snapshot.version
@@ -126,6 +163,7 @@ class ConfigClient:
             )
             return cluster_pb2.WatchRequest(nack=cluster_pb2.Nack(version=version, error=str(exc)[:1000]))
         self._holder.swap(compiled, "control_plane")
+        self._persist(update.snapshot)
         log.info(
             "snapshot applied",
             extra={

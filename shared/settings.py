@@ -65,9 +65,7 @@ class Secret:
     __str__ = __repr__
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and secrets.compare_digest(
-            self._value.encode(), other._value.encode()
-        )
+        return isinstance(other, Secret) and secrets.compare_digest(self._value.encode(), other._value.encode())
 
     def __hash__(self) -> int:
         return hash(self._value)

@@ -63,8 +63,11 @@ class Cluster:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
         settings = self._with_tokens(self.settings)
+        # A person reads this terminal: readable lines, and only what needs attention.
         if "LOG_FORMAT" not in settings.explicit:
-            settings = dataclasses.replace(settings, log_format="text")  # a person reads this terminal
+            settings = dataclasses.replace(settings, log_format="text")
+        if "LOG_LEVEL" not in settings.explicit:
+            settings = dataclasses.replace(settings, log_level="warning")
         if "DATABASE_URL" not in settings.explicit:
             say(f"starting embedded Postgres in {self.data_dir / 'postgres'} ...")
             self.postgres = EmbeddedPostgres(self.data_dir / "postgres")
@@ -77,10 +80,7 @@ class Cluster:
         settings = dataclasses.replace(settings, cp_addr=HostPort("127.0.0.1", cluster_port))
         self.settings = settings
 
-        say(
-            f"starting the control plane (admin API {settings.admin_listen},"
-            f" cluster {settings.cluster_listen}) ..."
-        )
+        say(f"starting the control plane (admin API {settings.admin_listen}, cluster {settings.cluster_listen}) ...")
         self._spawn("control plane", ["-m", "control_plane", "serve"], settings, exclude=("WORKERS",))
         self._wait_ready("control plane", f"http://{_local(settings.admin_listen)}/readyz")
         say(f"starting the data plane ({settings.workers} workers, proxy {settings.proxy_listen}) ...")
@@ -128,9 +128,7 @@ class Cluster:
         last_note = time.monotonic()
         while time.monotonic() < deadline and not self.stopping:
             if child.proc.poll() is not None:
-                raise UpError(
-                    f"the {name} exited at start (code {child.proc.returncode}); its error is above"
-                )
+                raise UpError(f"the {name} exited at start (code {child.proc.returncode}); its error is above")
             if _get(url, {}) == 200:
                 return
             if time.monotonic() - last_note > 5:

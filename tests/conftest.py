@@ -124,6 +124,9 @@ def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[object]:
     """Processes started by one test; all stopped at its end, their logs shown if it failed."""
     from tests.integration.harness import Processes
 
+    # Set up after (so torn down before) the test's database: processes stop before it is dropped.
+    if "database_url" in request.fixturenames:
+        request.getfixturevalue("database_url")
     processes = Processes(tmp_path)
     yield processes
     processes.stop_all()

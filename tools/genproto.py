@@ -39,12 +39,10 @@ def main() -> int:
     # protoc writes absolute imports of the proto package ("from tenantgate.v1 import x_pb2");
     # rewrite them so the stubs live inside the `shared` package.
     for path in OUT_DIR.rglob("*.py*"):
-        if path.suffix not in (".py", ".pyi"):
+        if path.suffix not in (".py", ".pyi") or path.name == "__init__.py":
             continue
         text = path.read_text()
-        text = re.sub(
-            r"^from tenantgate\.v1 import", "from shared._generated.tenantgate.v1 import", text, flags=re.M
-        )
+        text = re.sub(r"^from tenantgate\.v1 import", "from shared._generated.tenantgate.v1 import", text, flags=re.M)
         path.write_text(HEADER + text)
     for pkg in (OUT_DIR, OUT_DIR / "tenantgate", OUT_DIR / "tenantgate" / "v1"):
         (pkg / "__init__.py").touch()

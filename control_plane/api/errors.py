@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from control_plane.errors import ControlPlaneError, StoreUnavailable, Unauthorized
@@ -28,6 +29,35 @@ _STATUS_CODES = {
 }
 
 
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    request_id: str
+
+
+class ErrorBody(BaseModel):
+    """Every error the admin API returns."""
+
+    error: ErrorDetail
+
+
+def _described(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+# Declared on every router so that the OpenAPI document matches what the API really answers.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _described("Malformed request (e.g. the body is not JSON)"),
+    401: _described("Missing or invalid admin token"),
+    403: _described("The token's role does not allow this"),
+    404: _described("No such object (or not visible to this token)"),
+    409: _described("Conflicts with an existing object"),
+    415: _described("The body is not application/json"),
+    422: _described("A field has an impossible value; the message names it"),
+    503: _described("Postgres is unreachable; retry shortly"),
+}
+
+
 def error_response(
     request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -45,9 +75,7 @@ def _location(loc: tuple[Any, ...]) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(ControlPlaneError)
     async def _own(request: Request, exc: ControlPlaneError) -> JSONResponse:
-        headers = (
-            {"WWW-Authenticate": 'Bearer realm="tenantgate-admin"'} if isinstance(exc, Unauthorized) else None
-        )
+        headers = {"WWW-Authenticate": 'Bearer realm="tenantgate-admin"'} if isinstance(exc, Unauthorized) else None
         if isinstance(exc, StoreUnavailable):
             log.warning("admin request failed: Postgres unavailable", extra={"error": str(exc)})
             headers = {"Retry-After": "1"}
@@ -73,7 +101,5 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception(
-            "unhandled error in admin API", extra={"request_id": getattr(request.state, "request_id", "")}
-        )
+        log.exception("unhandled error in admin API", extra={"request_id": getattr(request.state, "request_id", "")})
         return error_response(request, 500, "internal_error", "internal error; see the control plane log")

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from control_plane.api.deps import State
-from control_plane.api.errors import error_response
+from control_plane.api.errors import ERROR_RESPONSES, error_response
 
 router = APIRouter(tags=["health"])
 
@@ -18,7 +18,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None)
+@router.get("/readyz", response_model=None, responses={503: ERROR_RESPONSES[503]})
 async def readyz(request: Request, state: State) -> dict[str, Any] | JSONResponse:
     if not await state.db.ping():
         return error_response(request, 503, "database_unavailable", "Postgres is unreachable")

@@ -65,9 +65,7 @@ class SnapshotCache:
     async def wait_newer(self, version: int) -> BuiltSnapshot:
         """Return the current snapshot as soon as its version is greater than ``version``."""
         async with self._changed:
-            await self._changed.wait_for(
-                lambda: self._current is not None and self._current.version > version
-            )
+            await self._changed.wait_for(lambda: self._current is not None and self._current.version > version)
             assert self._current is not None
             return self._current
 

@@ -80,6 +80,8 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
         if first is aio.EOF or not first.HasField("hello") or not first.hello.node_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a Hello")
         node = self._registry.connect(first.hello, context.peer())
+        # Headers now tell the node it is accepted, even if it is up to date and no snapshot follows.
+        await context.send_initial_metadata(())
         log.info(
             "data plane connected",
             extra={"node_id": node.node_id, "peer": node.address, "last_version": node.acked_version},
@@ -100,9 +102,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
                 return keys.secrets_equal(value[len("Bearer ") :], self._token)
         return False
 
-    async def _send_updates(
-        self, context: aio.ServicerContext, node: NodeState, reader: asyncio.Task[None]
-    ) -> None:
+    async def _send_updates(self, context: aio.ServicerContext, node: NodeState, reader: asyncio.Task[None]) -> None:
         have = node.acked_version
         while not reader.done():
             waiter = asyncio.ensure_future(self._cache.wait_newer(have))
@@ -128,9 +128,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
             if kind == "ack":
                 node.acked_version = msg.ack.version
                 node.last_error = ""
-                log.debug(
-                    "snapshot acked", extra={"node_id": node.node_id, "config_version": msg.ack.version}
-                )
+                log.debug("snapshot acked", extra={"node_id": node.node_id, "config_version": msg.ack.version})
             elif kind == "nack":
                 node.nacked_version = msg.nack.version
                 node.last_error = msg.nack.error[:1000]

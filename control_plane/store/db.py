@@ -14,7 +14,7 @@ from typing import Final
 
 import asyncpg
 
-from control_plane.errors import StoreUnavailable
+from control_plane.errors import StoreUnavailable, Unprocessable
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,9 @@ class Database:
                 yield conn
         except UNAVAILABLE_ERRORS as exc:
             raise StoreUnavailable(f"Postgres is unavailable: {describe(exc)}") from exc
+        except asyncpg.exceptions.DataError as exc:
+            # The last line of defence behind the API's validation (e.g. a NUL in a string).
+            raise Unprocessable("body", "contains a value the database cannot store") from exc
 
     @asynccontextmanager
     async def transaction(self, isolation: str = "read_committed") -> AsyncIterator[asyncpg.Connection]:

@@ -123,17 +123,35 @@ class UpstreamClient:
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout("the upstream did not answer in time") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamUnavailable(
-                "cannot connect to the upstream", code="upstream_connect_error"
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnavailable("cannot connect to the upstream", code="upstream_connect_error") from exc
+        except (aiohttp.ClientError, OSError, BodyTooLarge) as exc:
             raise UpstreamUnavailable("the upstream sent an invalid response", code="upstream_error") from exc
 
 
-async def stream_body(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The client's request body as chunks, never held whole."""
+class BodyCounter:
+    """Counts request body bytes against a route's limit (0: none) while they stream."""
+
+    __slots__ = ("exceeded", "limit", "seen")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen = 0
+        self.exceeded = False
+
+
+class BodyTooLarge(Exception):
+    """Raised inside the body stream to abort the upstream request."""
+
+
+async def stream_body(content: aiohttp.StreamReader, counter: BodyCounter) -> AsyncIterator[bytes]:
+    """The client's request body as chunks, never held whole, cut off past the limit."""
+    limit = counter.limit
     while True:
         chunk = await content.readany()
         if not chunk:
             return
+        counter.seen += len(chunk)
+        if limit and counter.seen > limit:
+            counter.exceeded = True
+            raise BodyTooLarge
         yield chunk

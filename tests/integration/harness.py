@@ -59,9 +59,7 @@ def http(
         return Response(exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read())
 
 
-def wait_for(
-    predicate: Any, timeout: float = READY_TIMEOUT_S, interval: float = 0.05, what: str = "condition"
-) -> Any:
+def wait_for(predicate: Any, timeout: float = READY_TIMEOUT_S, interval: float = 0.05, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:

@@ -97,9 +97,7 @@ def test_up_demo_serves_the_demo_route_and_stops_cleanly(tmp_path: Path) -> None
         assert re.search(r"admin token\s+\S{20,}", output), output
         children = psutil.Process(proc.pid).children(recursive=True)
 
-        with_key = http(
-            "GET", f"http://127.0.0.1:{ports['proxy']}/demo/hello", headers={"X-API-Key": key.group(1)}
-        )
+        with_key = http("GET", f"http://127.0.0.1:{ports['proxy']}/demo/hello", headers={"X-API-Key": key.group(1)})
         without = http("GET", f"http://127.0.0.1:{ports['proxy']}/demo/hello")
 
         assert with_key.status == 200 and with_key.json()["path"] == "/demo/hello"

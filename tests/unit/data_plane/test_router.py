@@ -262,9 +262,7 @@ def test_fall_through_keeps_specificity_order() -> None:
 
 
 def test_no_route_allowing_method_returns_best_route_without_it() -> None:
-    router = Router(
-        [_route("wild", "/a/*", methods=("POST",)), _route("exact", "/a/b", methods=("GET", "HEAD"))]
-    )
+    router = Router([_route("wild", "/a/*", methods=("POST",)), _route("exact", "/a/b", methods=("GET", "HEAD"))])
     m = router.match("/a/b", "DELETE")
     assert m is not None
     assert m.route.route.id == "exact"

@@ -60,9 +60,7 @@ def test_token_with_custom_prefix() -> None:
 
 
 def test_hash_is_sha256_digest() -> None:
-    assert keys.hash_key("abc") == bytes.fromhex(
-        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    )
+    assert keys.hash_key("abc") == bytes.fromhex("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
 
 
 def test_hash_is_32_bytes_and_matches_hashlib() -> None:

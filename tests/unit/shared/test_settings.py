@@ -327,8 +327,7 @@ def test_exit_on_bad_settings_prints_one_line_and_exits_2(capsys: pytest.Capture
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == (
-        "tg-test: invalid setting TENANTGATE_LOG_FORMAT (--log-format): "
-        "expected one of json, text, got 'xml'\n"
+        "tg-test: invalid setting TENANTGATE_LOG_FORMAT (--log-format): expected one of json, text, got 'xml'\n"
     )
 
 

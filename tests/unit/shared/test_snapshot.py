@@ -182,14 +182,10 @@ def test_empty_tenant_id_is_invalid() -> None:
 
 
 def test_unknown_tier_is_invalid() -> None:
-    _assert_invalid(
-        _snapshot(tenants=(_tenant("t1", tier="gold"),), api_keys=()), "tenant t1: unknown tier 'gold'"
-    )
+    _assert_invalid(_snapshot(tenants=(_tenant("t1", tier="gold"),), api_keys=()), "tenant t1: unknown tier 'gold'")
 
 
-@pytest.mark.parametrize(
-    "field", ["rate_limit_per_minute", "rate_limit_per_hour", "monthly_quota", "max_concurrency"]
-)
+@pytest.mark.parametrize("field", ["rate_limit_per_minute", "rate_limit_per_hour", "monthly_quota", "max_concurrency"])
 def test_negative_tenant_limit_is_invalid(field: str) -> None:
     _assert_invalid(
         _snapshot(tenants=(_tenant("t1", **{field: -1}),), api_keys=()),
@@ -209,9 +205,7 @@ def test_empty_api_key_id_is_invalid() -> None:
 
 
 def test_key_of_unknown_tenant_is_invalid() -> None:
-    _assert_invalid(
-        _snapshot(api_keys=(ApiKey("k1", "t-missing", HASH_A),)), "api key k1: unknown tenant 't-missing'"
-    )
+    _assert_invalid(_snapshot(api_keys=(ApiKey("k1", "t-missing", HASH_A),)), "api key k1: unknown tenant 't-missing'")
 
 
 @pytest.mark.parametrize("length", [0, 1, 31, 33, 64])
@@ -284,9 +278,7 @@ def test_route_without_upstream_is_invalid() -> None:
     ],
 )
 def test_bad_upstream_url_is_invalid(url: str, reason: str) -> None:
-    _assert_invalid(
-        _snapshot(routes=(_route(upstreams=(Upstream(url, 1),)),)), f"route r1: upstream {url!r}: {reason}"
-    )
+    _assert_invalid(_snapshot(routes=(_route(upstreams=(Upstream(url, 1),)),)), f"route r1: upstream {url!r}: {reason}")
 
 
 @pytest.mark.parametrize("url", ["http://h:99999", "http://h:port"])
@@ -313,9 +305,7 @@ def test_negative_weight_is_invalid() -> None:
 
 @pytest.mark.parametrize("timeout_ms", [0, model.MAX_TIMEOUT_MS + 1])
 def test_bad_timeout_is_invalid(timeout_ms: int) -> None:
-    _assert_invalid(
-        _snapshot(routes=(_route(timeout_ms=timeout_ms),)), "route r1: timeout_ms must be 1..3600000"
-    )
+    _assert_invalid(_snapshot(routes=(_route(timeout_ms=timeout_ms),)), "route r1: timeout_ms must be 1..3600000")
 
 
 def test_negative_timeout_is_invalid() -> None:
