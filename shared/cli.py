@@ -21,6 +21,9 @@ commands:
   control-plane               one control plane replica (admin API + cluster gRPC)
   data-plane [--workers N]    one data plane node
   migrate                     apply database migrations and exit
+  apply -f FILE [--dry-run]   make tenants and routes match a YAML file, through the admin API
+                              (--dry-run: only show the changes)
+  export                      print the tenants and routes as such a YAML file
 
 Every command takes the settings as flags or TENANTGATE_* variables; see
 `tenantgate COMMAND --help`.
@@ -43,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(sys.executable, [sys.executable, *_ROLES[command], *rest])  # noqa: S606
     if command == "up":
         return _up(rest)
+    if command in ("apply", "export"):
+        return _declarative(command, rest)
     print(f"tenantgate: unknown command {command!r}\n\n{USAGE}", file=sys.stderr, end="")
     return 2
 
@@ -51,9 +56,7 @@ def _up(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="tenantgate up", description="Run the whole gateway on this machine; Ctrl-C stops it."
     )
-    parser.add_argument(
-        "--demo", action="store_true", help="also start an echo upstream, a demo tenant and route"
-    )
+    parser.add_argument("--demo", action="store_true", help="also start an echo upstream, a demo tenant and route")
     tg_settings.add_arguments(parser)
     args = parser.parse_args(argv)
     with tg_settings.exit_on_bad_settings():
@@ -61,6 +64,41 @@ def _up(argv: list[str]) -> int:
     from shared import supervisor
 
     return supervisor.run(settings, demo=args.demo)
+
+
+def _declarative(command: str, argv: list[str]) -> int:
+    descriptions = {
+        "apply": "Make the tenants and routes match a YAML file: show the changes, then make them.",
+        "export": "Print the tenants and routes as a YAML file for `tenantgate apply`.",
+    }
+    parser = argparse.ArgumentParser(prog=f"tenantgate {command}", description=descriptions[command])
+    if command == "apply":
+        parser.add_argument("-f", "--file", required=True, metavar="FILE", help="the YAML file ('-': standard input)")
+        parser.add_argument("--dry-run", action="store_true", help="only show the changes; change nothing")
+    parser.add_argument(
+        "--admin-url", metavar="URL", help="the admin API, e.g. http://127.0.0.1:8001 (default: from ADMIN_LISTEN)"
+    )
+    tg_settings.add_arguments(parser)
+    args = parser.parse_args(argv)
+    with tg_settings.exit_on_bad_settings():
+        settings = tg_settings.load(args)
+    from shared import declarative
+
+    if settings.admin_token is None:
+        print(
+            f"tenantgate {command}: an admin token is required: set TENANTGATE_ADMIN_TOKEN or pass --admin-token",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        url = declarative.admin_base_url(settings, args.admin_url)
+    except declarative.UsageError as exc:
+        print(f"tenantgate {command}: {exc}", file=sys.stderr)
+        return 2
+    client = declarative.AdminClient(url, settings.admin_token)
+    if command == "apply":
+        return declarative.run_apply(client, args.file, dry_run=args.dry_run)
+    return declarative.run_export(client)
 
 
 if __name__ == "__main__":

@@ -139,6 +139,12 @@ async def create(db: Database, actor: Actor, tenant_id: str, new: NewIssuer) -> 
         )
         if taken is not None:
             raise Conflict(f"this tenant already has the issuer {new.issuer!r}", code="duplicate_issuer")
+        claimed = await conn.fetchval(
+            "SELECT 1 FROM jwt_issuers WHERE issuer = $1 AND audience = $2", new.issuer, new.audience
+        )
+        if claimed is not None:
+            # A token's (iss, aud) must name one tenant, or tenant resolution would be ambiguous.
+            raise Conflict("this issuer and audience are already registered", code="duplicate_issuer")
         row = await conn.fetchrow(
             f"""INSERT INTO jwt_issuers (tenant_id, issuer, audience, algorithms, jwks, jwks_uri, public_key_pem,
                                          hs256_secret)

@@ -164,6 +164,17 @@ async def delete(db: Database, actor: Actor, tenant_id: str) -> int:
     """Delete a tenant with its keys; every key stops working once the snapshot propagates."""
     async with db.transaction() as conn:
         version = await bump_version(conn)
+        # A route restricted to this tenant would otherwise keep a dangling id (or, emptied,
+        # open up to every tenant): the operator decides what that route becomes.
+        using = await conn.fetch(
+            "SELECT id::text FROM routes WHERE $1::uuid = ANY(tenants) ORDER BY seq LIMIT 5", tenant_id
+        )
+        if using:
+            ids = ", ".join(r["id"] for r in using)
+            raise Conflict(
+                f"routes still name this tenant in their tenants list ({ids}); change them first",
+                code="tenant_in_use",
+            )
         row = await conn.fetchrow(f"DELETE FROM tenants WHERE id = $1::uuid RETURNING {COLUMNS}", tenant_id)
         if row is None:
             raise NotFound("no such tenant")

@@ -282,13 +282,16 @@ def test_duplicate_issuer_is_409_per_tenant_and_unknown_ids_are_404(cp: ControlP
 
     first = cp.api("POST", f"/admin/tenants/{a}/jwt-issuers", _issuer_body())
     again = cp.api("POST", f"/admin/tenants/{a}/jwt-issuers", _issuer_body(audience="other"))
-    other_tenant = cp.api("POST", f"/admin/tenants/{b}/jwt-issuers", _issuer_body())
+    other_tenant = cp.api("POST", f"/admin/tenants/{b}/jwt-issuers", _issuer_body(audience="other"))
+    # Another tenant cannot claim the same issuer and audience: a token must name one tenant.
+    claimed = cp.api("POST", f"/admin/tenants/{b}/jwt-issuers", _issuer_body())
     no_tenant = cp.api("POST", f"/admin/tenants/{uuid.uuid4()}/jwt-issuers", _issuer_body())
     bad_id = cp.api("GET", f"/admin/tenants/{a}/jwt-issuers/not-a-uuid")
     wrong_tenant = cp.api("GET", f"/admin/tenants/{b}/jwt-issuers/{first.json()['id']}")
 
     assert first.status == 201 and other_tenant.status == 201
     assert again.status == 409 and again.json()["error"]["code"] == "duplicate_issuer"
+    assert claimed.status == 409 and claimed.json()["error"]["code"] == "duplicate_issuer"
     assert no_tenant.status == 404
     assert bad_id.status == 404 and wrong_tenant.status == 404
 
@@ -413,7 +416,7 @@ def test_tenant_admin_manages_only_its_own_tenant_and_viewer_only_reads(cp: Cont
     a, b = _tenant(cp, "A"), _tenant(cp, "B")
     admin_a = _token(cp, "tenant_admin", a)
     viewer = _token(cp, "viewer")
-    b_issuer = cp.api("POST", f"/admin/tenants/{b}/jwt-issuers", _issuer_body()).json()["id"]
+    b_issuer = cp.api("POST", f"/admin/tenants/{b}/jwt-issuers", _issuer_body(audience="api-of-b")).json()["id"]
     b_client = cp.api("POST", f"/admin/tenants/{b}/oauth-clients", {"name": "b"}).json()["id"]
 
     own_issuer = cp.api("POST", f"/admin/tenants/{a}/jwt-issuers", _issuer_body(), token=admin_a)

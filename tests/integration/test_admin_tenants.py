@@ -295,3 +295,18 @@ def test_admin_api_answers_503_while_postgres_is_gone_and_recovers(procs: Proces
         assert names == ["before", "after"]  # nothing half-written, nothing lost
     finally:
         forwarder.stop()
+
+
+def test_tenant_named_by_a_route_cannot_be_deleted(cp: ControlPlane) -> None:
+    tenant = _tenant(cp)
+    route = cp.api(
+        "POST", "/admin/routes", {"path": "/t/*", "upstream": "http://127.0.0.1:9", "tenants": [tenant["id"]]}
+    )
+    assert route.status == 201, route.body
+
+    refused = cp.api("DELETE", f"/admin/tenants/{tenant['id']}")
+    assert refused.status == 409 and refused.json()["error"]["code"] == "tenant_in_use"
+    assert route.json()["id"] in refused.json()["error"]["message"]
+
+    assert cp.api("PATCH", f"/admin/routes/{route.json()['id']}", {"tenants": []}).status == 200
+    assert cp.api("DELETE", f"/admin/tenants/{tenant['id']}").status == 200

@@ -25,6 +25,8 @@ CREATE TABLE jwt_issuers (
     jwks_error       text,
     created_at       timestamptz   NOT NULL DEFAULT now(),
     UNIQUE (tenant_id, issuer),
+    -- A token's (iss, aud) names exactly one tenant: no tenant can claim another's issuer.
+    UNIQUE (issuer, audience),
     CHECK (num_nonnulls(jwks, jwks_uri, public_key_pem, hs256_secret) = 1),
     CHECK (jwks_uri IS NOT NULL OR (fetched_jwks IS NULL AND jwks_fetched_at IS NULL AND jwks_error IS NULL))
 );
