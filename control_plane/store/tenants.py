@@ -69,7 +69,7 @@ COLUMNS: Final = (
     "id::text, name, tier, rate_limit_per_minute, rate_limit_per_hour, monthly_quota, max_concurrency,"
     " is_active, created_at, updated_at"
 )
-_KEYCOLUMNS: Final = "id::text, tenant_id::text, prefix, created_at, revoked_at"
+KEY_COLUMNS: Final = "id::text, tenant_id::text, prefix, created_at, revoked_at"
 UPDATABLE: Final = frozenset(
     {"name", "tier", "rate_limit_per_minute", "rate_limit_per_hour", "monthly_quota", "max_concurrency", "is_active"}
 )
@@ -199,7 +199,7 @@ async def create_key(db: Database, actor: Actor, tenant_id: str) -> tuple[KeyRec
             )
         row = await conn.fetchrow(
             f"""INSERT INTO api_keys (tenant_id, key_hash, prefix) VALUES ($1::uuid, $2, $3)
-                RETURNING {_KEYCOLUMNS}""",
+                RETURNING {KEY_COLUMNS}""",
             tenant_id,
             keys.hash_key(api_key),
             keys.display_prefix(api_key),
@@ -215,7 +215,7 @@ async def list_keys(db: Database, tenant_id: str) -> list[KeyRecord]:
         if exists is None:
             raise NotFound("no such tenant")
         rows = await conn.fetch(
-            f"SELECT {_KEYCOLUMNS} FROM api_keys WHERE tenant_id = $1::uuid ORDER BY created_at, id", tenant_id
+            f"SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1::uuid ORDER BY created_at, id", tenant_id
         )
     return [_key(r) for r in rows]
 
@@ -224,14 +224,14 @@ async def revoke_key(db: Database, actor: Actor, tenant_id: str, key_id: str) ->
     async with db.transaction() as conn:
         version = await bump_version(conn)
         before = await conn.fetchrow(
-            f"SELECT {_KEYCOLUMNS} FROM api_keys WHERE id = $1::uuid AND tenant_id = $2::uuid FOR UPDATE",
+            f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1::uuid AND tenant_id = $2::uuid FOR UPDATE",
             key_id,
             tenant_id,
         )
         if before is None:
             raise NotFound("no such key for this tenant")
         row = await conn.fetchrow(
-            f"UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1::uuid RETURNING {_KEYCOLUMNS}",
+            f"UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1::uuid RETURNING {KEY_COLUMNS}",
             key_id,
         )
         key = _key(row)
