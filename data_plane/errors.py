@@ -9,6 +9,8 @@ pipeline turns any of them into the SPEC error body in one place (``pipeline.err
         ├── RouteNotFound           404
         ├── MethodNotAllowed        405  (``allow`` lists the methods)
         ├── PayloadTooLarge         413
+        ├── TooManyRequests         429  a rate limit, quota or concurrency limit (``headers``: Retry-After, RateLimit…)
+        ├── ServiceUnavailable      503  circuit open, no healthy target, limits undecidable (``Retry-After``)
         ├── NotReady                503  no snapshot loaded yet
         └── UpstreamError
             ├── UpstreamUnavailable 502  connect error or invalid response (mapped in upstream/)
@@ -23,12 +25,16 @@ from shared.errors import TenantgateError
 class GatewayError(TenantgateError):
     status = 500
     code = "internal_error"
+    # Extra response headers that go with this error (e.g. Retry-After).
+    headers: tuple[tuple[str, str], ...] = ()
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, headers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        if headers:
+            self.headers = headers
 
 
 class BadRequest(GatewayError):
@@ -63,6 +69,16 @@ class MethodNotAllowed(GatewayError):
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "payload_too_large"
+
+
+class TooManyRequests(GatewayError):
+    status = 429
+    code = "rate_limited"
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    code = "service_unavailable"
 
 
 class NotReady(GatewayError):

@@ -16,12 +16,9 @@ import json
 import logging
 import re
 import uuid
-from ipaddress import ip_address
 from typing import Final
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
 from data_plane.auth import apikey
 from data_plane.errors import (
@@ -33,23 +30,18 @@ from data_plane.errors import (
     PayloadTooLarge,
     RouteNotFound,
     Unauthenticated,
-    UpstreamError,
 )
-from data_plane.request import Target, canonicalise, strip_segments
+from data_plane.proxy import Proxy
+from data_plane.request import canonicalise
 from data_plane.router import CompiledRoute, request_host
 from data_plane.snapshot import Compiled, Holder
-from data_plane.upstream.client import HOP_BY_HOP, BodyCounter, UpstreamClient, stream_body
+from data_plane.upstream.client import UpstreamClient
 from shared.settings import Settings
 from shared.snapshot import Tenant
 
 log = logging.getLogger(__name__)
 
 _REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
-# Never forwarded from the client: our credential, identities only the gateway may assert,
-# and values the gateway sets itself.
-_DROP_REQUEST: Final = HOP_BY_HOP | {"host", "x-api-key", "x-request-id", "expect"}
-_DROP_PREFIXES: Final = ("x-tenant-", "x-consumer-", "x-forwarded-")
-_DROP_RESPONSE: Final = HOP_BY_HOP
 _WWW_AUTHENTICATE: Final = 'ApiKey realm="tenantgate", header="X-API-Key"'
 
 
@@ -64,6 +56,8 @@ def error_response(exc: GatewayError, rid: str) -> web.Response:
     body = json.dumps({"error": {"code": exc.code, "message": exc.message, "request_id": rid}})
     response = web.Response(status=exc.status, text=body, content_type="application/json")
     response.headers["X-Request-ID"] = rid
+    for name, value in exc.headers:
+        response.headers[name] = value
     if isinstance(exc, Unauthenticated):
         response.headers["WWW-Authenticate"] = _WWW_AUTHENTICATE
     elif isinstance(exc, MethodNotAllowed):
@@ -76,8 +70,7 @@ def error_response(exc: GatewayError, rid: str) -> web.Response:
 class Pipeline:
     def __init__(self, holder: Holder, client: UpstreamClient, settings: Settings) -> None:
         self._holder = holder
-        self._client = client
-        self._trusted = settings.trusted_proxies
+        self._proxy = Proxy(client, settings)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         rid = request_id(request)
@@ -100,7 +93,7 @@ class Pipeline:
             limit = route.route.max_body_bytes
             if limit and request.content_length is not None and request.content_length > limit:
                 raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
-            return await self._forward(request, snap, route, target, tenant, rid)
+            return await self._proxy.forward(request, snap, route, target, tenant, rid)
         except GatewayError as exc:
             return error_response(exc, rid)
 
@@ -118,79 +111,6 @@ class Pipeline:
             raise Forbidden("this tenant is inactive", code="tenant_inactive")
         return tenant
 
-    async def _forward(
-        self,
-        request: web.BaseRequest,
-        snap: Compiled,
-        route: CompiledRoute,
-        target: Target,
-        tenant: Tenant | None,
-        rid: str,
-    ) -> web.StreamResponse:
-        upstream = snap.upstreams[route.route.id]
-        raw_path = strip_segments(target.raw_path, route.strip_count) if route.route.strip_prefix else target.raw_path
-        url = upstream.url(raw_path, target.raw_query)
-        headers = self._upstream_headers(request, tenant, rid)
-        counter = BodyCounter(route.route.max_body_bytes)
-        body = stream_body(request.content, counter) if request.body_exists else None
-        try:
-            up = await self._client.send(request.method, url, headers, body, upstream.timeout)
-        except UpstreamError:
-            if counter.exceeded:
-                raise PayloadTooLarge(
-                    f"the request body is larger than this route's limit of {counter.limit} bytes"
-                ) from None
-            raise
-        try:
-            response = web.StreamResponse(status=up.status, reason=up.reason)
-            connection_tokens = _connection_tokens(up.headers.getall("Connection", ()))
-            for name, value in up.headers.items():
-                lowered = name.lower()
-                if lowered in _DROP_RESPONSE or lowered in connection_tokens:
-                    continue
-                response.headers.add(name, value)
-            response.headers["X-Request-ID"] = rid
-            await response.prepare(request)
-            try:
-                async for chunk in up.content.iter_any():
-                    await response.write(chunk)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                # The status line is gone already: all that is left is to cut the connection.
-                log.warning("upstream broke off mid-response", extra={"request_id": rid, "error": repr(exc)})
-                raise
-            await response.write_eof()
-            return response
-        finally:
-            up.release()
-
-    def _upstream_headers(self, request: web.BaseRequest, tenant: Tenant | None, rid: str) -> CIMultiDict[str]:
-        incoming = request.headers
-        connection_tokens = _connection_tokens(incoming.getall("Connection", ()))
-        out: CIMultiDict[str] = CIMultiDict()
-        for name, value in incoming.items():
-            lowered = name.lower()
-            if lowered in _DROP_REQUEST or lowered in connection_tokens or lowered.startswith(_DROP_PREFIXES):
-                continue
-            out.add(name, value)
-        out["X-Request-ID"] = rid
-        if tenant is not None:
-            out["X-Tenant-ID"] = tenant.id
-        peer = request.remote or ""
-        forwarded_for = peer
-        proto = request.scheme
-        host = incoming.get("Host", "")
-        if self._trusted and _is_trusted(peer, self._trusted):
-            prior = incoming.getall("X-Forwarded-For", ())
-            if prior:
-                forwarded_for = ", ".join([*prior, peer])
-            proto = incoming.get("X-Forwarded-Proto", proto)
-            host = incoming.get("X-Forwarded-Host", host)
-        out["X-Forwarded-For"] = forwarded_for
-        out["X-Forwarded-Proto"] = proto
-        if host:
-            out["X-Forwarded-Host"] = host
-        return out
-
 
 def authorise(route: CompiledRoute, tenant: Tenant | None) -> None:
     """The route's access rules: which tenants, which tiers, which JWT scopes."""
@@ -203,17 +123,3 @@ def authorise(route: CompiledRoute, tenant: Tenant | None) -> None:
     if route.scopes:
         # Scopes come only with a JWT; an API key grants none.
         raise Forbidden("this route requires token scopes that an API key does not carry", code="insufficient_scope")
-
-
-def _connection_tokens(values: list[str] | tuple[str, ...]) -> frozenset[str]:
-    if not values:
-        return frozenset()
-    return frozenset(token.strip().lower() for value in values for token in value.split(",") if token.strip())
-
-
-def _is_trusted(peer: str, networks: tuple[object, ...]) -> bool:
-    try:
-        addr = ip_address(peer)
-    except ValueError:
-        return False
-    return any(addr in net for net in networks)  # type: ignore[operator]

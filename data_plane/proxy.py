@@ -1,0 +1,126 @@
+"""Forwarding an admitted request to its upstream and streaming the answer back.
+
+Only what the pipeline admitted reaches here: the route, the canonical target that was
+matched, and the authenticated tenant. The upstream URL is built from the raw path that was
+matched (see :meth:`Target.url`), so nothing between authorisation and the upstream can
+re-normalise it.
+"""
+
+from __future__ import annotations
+
+import logging
+from ipaddress import ip_address
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from data_plane.errors import PayloadTooLarge, UpstreamError
+from data_plane.request import Target, strip_segments
+from data_plane.router import CompiledRoute
+from data_plane.snapshot import Compiled
+from data_plane.upstream.client import HOP_BY_HOP, BodyCounter, UpstreamClient, stream_body
+from shared.settings import Settings
+from shared.snapshot import Tenant
+
+log = logging.getLogger(__name__)
+
+# Never forwarded from the client: our credential, identities only the gateway may assert,
+# and values the gateway sets itself.
+_DROP_REQUEST: Final = HOP_BY_HOP | {"host", "x-api-key", "x-request-id", "expect"}
+_DROP_PREFIXES: Final = ("x-tenant-", "x-consumer-", "x-forwarded-")
+_DROP_RESPONSE: Final = HOP_BY_HOP
+
+
+class Proxy:
+    def __init__(self, client: UpstreamClient, settings: Settings) -> None:
+        self._client = client
+        self._trusted = settings.trusted_proxies
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        snap: Compiled,
+        route: CompiledRoute,
+        target: Target,
+        tenant: Tenant | None,
+        rid: str,
+    ) -> web.StreamResponse:
+        upstream = snap.upstreams[route.route.id]
+        raw_path = strip_segments(target.raw_path, route.strip_count) if route.route.strip_prefix else target.raw_path
+        url = upstream.url(raw_path, target.raw_query)
+        headers = self._upstream_headers(request, tenant, rid)
+        counter = BodyCounter(route.route.max_body_bytes)
+        body = stream_body(request.content, counter) if request.body_exists else None
+        try:
+            up = await self._client.send(request.method, url, headers, body, upstream.timeout)
+        except UpstreamError:
+            if counter.exceeded:
+                raise PayloadTooLarge(
+                    f"the request body is larger than this route's limit of {counter.limit} bytes"
+                ) from None
+            raise
+        try:
+            response = web.StreamResponse(status=up.status, reason=up.reason)
+            connection_tokens = _connection_tokens(up.headers.getall("Connection", ()))
+            for name, value in up.headers.items():
+                lowered = name.lower()
+                if lowered in _DROP_RESPONSE or lowered in connection_tokens:
+                    continue
+                response.headers.add(name, value)
+            response.headers["X-Request-ID"] = rid
+            await response.prepare(request)
+            try:
+                async for chunk in up.content.iter_any():
+                    await response.write(chunk)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # The status line is gone already: all that is left is to cut the connection.
+                log.warning("upstream broke off mid-response", extra={"request_id": rid, "error": repr(exc)})
+                raise
+            await response.write_eof()
+            return response
+        finally:
+            up.release()
+
+    def _upstream_headers(self, request: web.BaseRequest, tenant: Tenant | None, rid: str) -> CIMultiDict[str]:
+        incoming = request.headers
+        connection_tokens = _connection_tokens(incoming.getall("Connection", ()))
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in incoming.items():
+            lowered = name.lower()
+            if lowered in _DROP_REQUEST or lowered in connection_tokens or lowered.startswith(_DROP_PREFIXES):
+                continue
+            out.add(name, value)
+        out["X-Request-ID"] = rid
+        if tenant is not None:
+            out["X-Tenant-ID"] = tenant.id
+        peer = request.remote or ""
+        forwarded_for = peer
+        proto = request.scheme
+        host = incoming.get("Host", "")
+        if self._trusted and _is_trusted(peer, self._trusted):
+            prior = incoming.getall("X-Forwarded-For", ())
+            if prior:
+                forwarded_for = ", ".join([*prior, peer])
+            proto = incoming.get("X-Forwarded-Proto", proto)
+            host = incoming.get("X-Forwarded-Host", host)
+        out["X-Forwarded-For"] = forwarded_for
+        out["X-Forwarded-Proto"] = proto
+        if host:
+            out["X-Forwarded-Host"] = host
+        return out
+
+
+def _connection_tokens(values: list[str] | tuple[str, ...]) -> frozenset[str]:
+    if not values:
+        return frozenset()
+    return frozenset(token.strip().lower() for value in values for token in value.split(",") if token.strip())
+
+
+def _is_trusted(peer: str, networks: tuple[object, ...]) -> bool:
+    try:
+        addr = ip_address(peer)
+    except ValueError:
+        return False
+    return any(addr in net for net in networks)  # type: ignore[operator]
