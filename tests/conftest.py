@@ -10,6 +10,7 @@ Set TENANTGATE_TEST_POSTGRES_URL / TENANTGATE_TEST_REDIS_URL to point the suite 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import random
 import socket
@@ -17,6 +18,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -89,6 +91,22 @@ def database_url(postgres_admin_url: str) -> Iterator[str]:
         asyncio.run(_admin_execute(postgres_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+def _claim_redis_db() -> tuple[int, IO[bytes]]:
+    """A Redis database number no other test run on this machine is using: runs side by side
+    each hold an exclusive lock on the number they flush."""
+    numbers = list(range(1, 16))
+    random.shuffle(numbers)
+    for db in numbers:
+        lock = open(Path(tempfile.gettempdir()) / f"tenantgate-test-redis-db-{db}.lock", "wb")  # noqa: SIM115
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        return db, lock
+    raise RuntimeError("all 15 Redis test databases are in use by other test runs; wait for one to finish")
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A Redis database number of this run's own, flushed before and after."""
@@ -105,7 +123,7 @@ def redis_url() -> Iterator[str]:
         embedded = EmbeddedRedis(Path(tmp.name))
         embedded.start()
         host, port = "127.0.0.1", embedded.port
-    db = random.randint(1, 15)
+    db, lock = _claim_redis_db()
     client = redis.Redis(host=host, port=port, db=db)
     client.flushdb()
     try:
@@ -113,6 +131,7 @@ def redis_url() -> Iterator[str]:
     finally:
         client.flushdb()
         client.close()
+        lock.close()
         if embedded is not None:
             embedded.stop()
         if tmp is not None:
