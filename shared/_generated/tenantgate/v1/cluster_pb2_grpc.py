@@ -40,6 +40,11 @@ class ClusterStub:
                 request_serializer=tenantgate_dot_v1_dot_cluster__pb2.WatchRequest.SerializeToString,
                 response_deserializer=tenantgate_dot_v1_dot_cluster__pb2.ConfigUpdate.FromString,
                 _registered_method=True)
+        self.ReportUsage = channel.stream_unary(
+                '/tenantgate.v1.Cluster/ReportUsage',
+                request_serializer=tenantgate_dot_v1_dot_cluster__pb2.UsageBatch.SerializeToString,
+                response_deserializer=tenantgate_dot_v1_dot_cluster__pb2.UsageAck.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -55,6 +60,16 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportUsage(self, request_iterator, context):
+        """Usage counters, as batches identified by (node_id, seq) (cluster token in
+        the metadata, as for Watch). The control plane stores each batch exactly
+        once and answers after it has stored every batch of the stream; a batch
+        sent again (same node_id and seq) is acknowledged without being counted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +77,11 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=tenantgate_dot_v1_dot_cluster__pb2.WatchRequest.FromString,
                     response_serializer=tenantgate_dot_v1_dot_cluster__pb2.ConfigUpdate.SerializeToString,
+            ),
+            'ReportUsage': grpc.stream_unary_rpc_method_handler(
+                    servicer.ReportUsage,
+                    request_deserializer=tenantgate_dot_v1_dot_cluster__pb2.UsageBatch.FromString,
+                    response_serializer=tenantgate_dot_v1_dot_cluster__pb2.UsageAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +111,33 @@ class Cluster:
             '/tenantgate.v1.Cluster/Watch',
             tenantgate_dot_v1_dot_cluster__pb2.WatchRequest.SerializeToString,
             tenantgate_dot_v1_dot_cluster__pb2.ConfigUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportUsage(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tenantgate.v1.Cluster/ReportUsage',
+            tenantgate_dot_v1_dot_cluster__pb2.UsageBatch.SerializeToString,
+            tenantgate_dot_v1_dot_cluster__pb2.UsageAck.FromString,
             options,
             channel_credentials,
             insecure,
