@@ -51,6 +51,7 @@ def create_app(state: AppState) -> FastAPI:
     # Every admin endpoint declares the error answers it can give, so /openapi.json is true.
     for module in (tenants, keys, issuers, oauth, routes, tiers, tokens, config):
         app.include_router(module.router, responses=errors.ERROR_RESPONSES)
+    app.include_router(issuers.global_router, responses=errors.ERROR_RESPONSES)
 
     @app.middleware("http")
     async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -29,21 +29,33 @@ The file::
         # hash_on (null; "tenant" with consistent_hash), tiers ([]), scopes ([]),
         # circuit_breaker (null, or {failure_rate, min_requests, window_s, open_s,
         # half_open_requests}), health_check (null, or {path, interval_s, healthy, unhealthy}).
+    jwt_issuers:                    # every tenant's JWT issuers; an issuer absent here is deleted
+      - tenant: Acme Corp           # required: the tenant's name
+        issuer: https://auth.acme.example/   # required; (tenant, issuer) is the identity
+        audience: acme-api          # required
+        algorithms: [RS256]         # required
+        jwks_uri: https://auth.acme.example/.well-known/jwks.json
+        # Exactly one key source: jwks ({keys: [...]}), jwks_uri, public_key_pem or hs256_secret.
+        # An HS256 issuer may leave hs256_secret out: the stored secret is kept (it is never
+        # exported); it is needed only to create the issuer or to change its audience.
 
 Rules:
 
 - Omitted fields take the admin API's defaults, so they are managed too: removing a line resets
   the field. ``export`` writes every field, so its output is explicit and ``apply`` of it changes
   nothing.
-- A missing top-level section (``tenants:`` or ``routes:``) is not managed: apply neither
+- A missing top-level section (``tenants:``, ``routes:`` or ``jwt_issuers:``) is not managed: apply neither
   creates, changes nor deletes objects of that kind. An empty list (``routes: []``) deletes them all.
-- Tenants are identified by name; routes by (path, host, headers, priority, methods). Changing an
-  identity field replaces the object (a renamed tenant is a new tenant with a new API key).
-- No secrets: API keys are never exported. A tenant's first key is printed once, when apply
-  creates it.
-- Apply order: tenant creates and updates, route deletes that would clash with a route of the
-  file, route updates and creates, the other route deletes, tenant deletes. A failed call stops
-  apply; running it again starts from the live state and converges.
+- Tenants are identified by name; routes by (path, host, headers, priority, methods); issuers by
+  (tenant, issuer). Changing an identity field replaces the object (a renamed tenant is a new
+  tenant with a new API key). Issuers have no partial update: a changed issuer is deleted and
+  created again, so its tokens fail for the moment between the two calls.
+- No secrets: API keys and HS256 secrets are never exported. A tenant's first key is printed
+  once, when apply creates it.
+- Apply order: tenant creates and updates, issuer deletes, replacements and creates, route
+  deletes that would clash with a route of the file, route updates and creates, the other route
+  deletes, tenant deletes. A failed call stops apply; running it again starts from the live state
+  and converges.
 
 Errors (``str()`` is the one line shown to the operator)::
 
@@ -157,6 +169,11 @@ MAX_ROUTE_SCOPES: Final = 32
 MAX_NAME_LENGTH: Final = 255
 MAX_URL_LENGTH: Final = 2048
 MAX_HASH_ON_LENGTH: Final = 300
+MAX_AUDIENCE_LENGTH: Final = 512
+MAX_KEY_MATERIAL_CHARS: Final = 65_536
+# The key sources of a JWT issuer; exactly one is stored (control_plane.api.issuers.KEY_SOURCES).
+ISSUER_KEY_SOURCES: Final = ("jwks", "jwks_uri", "public_key_pem", "hs256_secret")
+HS256_KEPT: Final = "hs256_secret"  # an HS256 issuer whose file omits the secret: the stored one is kept
 
 Obj = dict[str, Any]
 
@@ -278,6 +295,7 @@ class Document:
 
     tenants: tuple[Obj, ...] | None
     routes: tuple[Obj, ...] | None
+    jwt_issuers: tuple[Obj, ...] | None = None
 
 
 def read_source(path: str) -> tuple[str, str]:
@@ -311,12 +329,20 @@ def parse(text: str, source: str = "<file>") -> Document:
     if data is None:
         raise top.error("the file is empty; it needs a tenants: list, a routes: list or both")
     if not isinstance(data, _Map):
-        raise top.error("the top level must be a mapping with tenants: and/or routes:")
-    _no_unknown_keys(data, ("tenants", "routes"), top)
+        raise top.error("the top level must be a mapping with tenants:, routes: and/or jwt_issuers:")
+    _no_unknown_keys(data, ("tenants", "routes", "jwt_issuers"), top)
     tenants = _section(data, "tenants", top, _tenant)
     routes = _section(data, "routes", top, _route)
+    issuers = _section(data, "jwt_issuers", top, _issuer)
     if tenants is not None:
         _unique_tenants(tenants)
+    if issuers is not None:
+        _unique_issuers(issuers)
+        if tenants is not None:
+            names = {t.obj["name"] for t in tenants}
+            for i in issuers:
+                if i.obj["tenant"] not in names:
+                    raise i.at.error(f"tenant: no tenant named {i.obj['tenant']!r} in the file's tenants: list")
     if routes is not None:
         _unique_routes(routes)
         if tenants is not None:
@@ -328,6 +354,7 @@ def parse(text: str, source: str = "<file>") -> Document:
     return Document(
         tenants=None if tenants is None else tuple(t.obj for t in tenants),
         routes=None if routes is None else tuple(r.obj for r in routes),
+        jwt_issuers=None if issuers is None else tuple(i.obj for i in issuers),
     )
 
 
@@ -598,6 +625,87 @@ def _route(value: Any, at: _At) -> Obj:
     return {name: out[name] for name in ROUTE_FIELDS}
 
 
+def _jwks(value: Any, at: _At) -> dict[str, Any]:
+    if not isinstance(value, dict) or not isinstance(value.get("keys"), list):
+        raise at.error("must be a JWKS mapping: {keys: [...]}")
+    if len(json.dumps(value)) > MAX_KEY_MATERIAL_CHARS:
+        raise at.error(f"is larger than {MAX_KEY_MATERIAL_CHARS} characters")
+    return dict(_plain(value))
+
+
+def _plain(value: Any) -> Any:
+    """YAML's mappings as plain dicts (they compare and serialise like the admin API's JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _algorithm(value: Any, at: _At) -> str:
+    if value not in model.JWT_ALGORITHMS or not isinstance(value, str):
+        raise at.error(f"must be one of {', '.join(sorted(model.JWT_ALGORITHMS))}, got {value!r}")
+    return value
+
+
+_ISSUER_SPECS: Final[Mapping[str, tuple[_Check, Any]]] = {
+    "tenant": (_tenant_name, _REQUIRED),
+    "issuer": (_text(model.MAX_ISSUER_LENGTH), _REQUIRED),
+    "audience": (_text(MAX_AUDIENCE_LENGTH), _REQUIRED),
+    "algorithms": (_text_set(_algorithm, len(model.JWT_ALGORITHMS)), _REQUIRED),
+    "jwks": (_optional(_jwks), None),
+    "jwks_uri": (_optional(_text(MAX_URL_LENGTH)), None),
+    "public_key_pem": (_optional(_text(MAX_KEY_MATERIAL_CHARS)), None),
+    "hs256_secret": (_optional(_text(MAX_KEY_MATERIAL_CHARS)), None),
+}
+
+
+def _issuer(value: Any, at: _At) -> Obj:
+    """An issuer in canonical form: tenant, issuer, audience, algorithms, and the one key source
+    it names (none for an HS256 issuer that keeps its stored secret)."""
+    out = _fields(value, at, _ISSUER_SPECS)
+    given = [name for name in ISSUER_KEY_SOURCES if out[name] is not None]
+    hmac = set(out["algorithms"]) <= model.HMAC_JWT_ALGORITHMS
+    if not out["algorithms"]:
+        raise at.key(value, "algorithms").error("name at least one algorithm")
+    if len(given) > 1:
+        raise at.key(value, given[1]).error(f"give exactly one key source, not {' and '.join(given)}")
+    if not given and not hmac:
+        raise at.error("give one key source: jwks, jwks_uri or public_key_pem")
+    if hmac and given and given[0] != "hs256_secret":
+        raise at.key(value, given[0]).error("HS256 issuers take hs256_secret (or nothing, to keep the stored one)")
+    if not hmac and given == ["hs256_secret"]:
+        raise at.key(value, "hs256_secret").error("is only for algorithms [HS256]")
+    issuer: Obj = {name: out[name] for name in ("tenant", "issuer", "audience", "algorithms")}
+    for name in given:
+        issuer[name] = out[name]
+    return issuer
+
+
+def issuer_source(issuer: Mapping[str, Any]) -> str:
+    """Which key source a canonical issuer has (``hs256_secret`` also when the secret is kept)."""
+    return next((name for name in ISSUER_KEY_SOURCES if name in issuer), HS256_KEPT)
+
+
+def issuer_label(issuer: Mapping[str, Any]) -> str:
+    return f"{issuer['issuer']} of {issuer['tenant']}"
+
+
+def _unique_issuers(issuers: list[_Parsed]) -> None:
+    by_identity: dict[tuple[str, str], _Parsed] = {}
+    by_audience: dict[tuple[str, str], _Parsed] = {}
+    for i in issuers:
+        for seen, key, what in (
+            (by_identity, (i.obj["tenant"], i.obj["issuer"]), "a tenant has one entry per issuer"),
+            (by_audience, (i.obj["issuer"], i.obj["audience"]), "one tenant per (issuer, audience)"),
+        ):
+            first = seen.setdefault(key, i)
+            if first is not i:
+                raise i.at.error(
+                    f"issuer {i.obj['issuer']!r} is already declared by {first.at.path} (line {first.at.line}): {what}"
+                )
+
+
 def _unique_tenants(tenants: list[_Parsed]) -> None:
     seen: dict[str, _Parsed] = {}
     for t in tenants:
@@ -686,6 +794,42 @@ def live_tenant(item: Mapping[str, Any]) -> Obj:
     return {name: item[name] for name in TENANT_FIELDS}
 
 
+def live_issuer(item: Mapping[str, Any], names_by_id: Mapping[str, str]) -> Obj:
+    """An issuer of the admin API in canonical form (the HS256 secret is never returned)."""
+    issuer: Obj = {
+        "tenant": names_by_id.get(item["tenant_id"], item["tenant_id"]),
+        "issuer": item["issuer"],
+        "audience": item["audience"],
+        "algorithms": sorted(set(item["algorithms"])),
+    }
+    source = item["key_source"]
+    if source != "hs256_secret":
+        issuer[source] = item[source]
+    return issuer
+
+
+def _issuer_changes(old: Obj, new: Obj) -> tuple[tuple[str, Any, Any], ...]:
+    """What differs between a live issuer and the file's. Key material shows as a short mark."""
+    changes: list[tuple[str, Any, Any]] = [
+        (name, old[name], new[name]) for name in ("audience", "algorithms") if old[name] != new[name]
+    ]
+    old_source, new_source = issuer_source(old), issuer_source(new)
+    if old_source != new_source:
+        changes.append(("key source", old_source, new_source))
+    elif new_source in ("jwks", "jwks_uri") and old[new_source] != new[new_source]:
+        changes.append((new_source, _brief(old[new_source]), _brief(new[new_source])))
+    elif new_source == "public_key_pem" and old[new_source].strip() != new[new_source].strip():
+        changes.append((new_source, "(a key)", "(another key)"))
+    return tuple(changes)
+
+
+def _brief(value: Any) -> Any:
+    if isinstance(value, dict):
+        kids = [k.get("kid") for k in value.get("keys", []) if isinstance(k, dict)]
+        return f"(keys {', '.join(str(k) for k in kids)})"
+    return value
+
+
 def live_route(item: Mapping[str, Any], names_by_id: Mapping[str, str]) -> Obj:
     """A route of the admin API in canonical form; tenant ids become names (an unknown id stays as is)."""
     cb, hc = item.get("circuit_breaker"), item.get("health_check")
@@ -715,8 +859,8 @@ class Change:
     """One admin API write. ``values``: the whole object (create) or the new values (update);
     ``fields``: (name, old, new) per changed field (update)."""
 
-    action: str  # create | update | delete
-    kind: str  # tenant | route
+    action: str  # create | update | delete (an issuer's update deletes it and creates it again)
+    kind: str  # tenant | route | issuer
     label: str
     id: str | None = None
     values: Obj = field(default_factory=dict)
@@ -729,6 +873,7 @@ class LiveState:
 
     tenants: tuple[Obj, ...]
     routes: tuple[Obj, ...]
+    jwt_issuers: tuple[Obj, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -805,6 +950,7 @@ def plan(doc: Document, live: LiveState, tiers: Mapping[str, Mapping[str, int]])
             Change("delete", "tenant", name, ids_by_name[name]) for name in sorted(live_tenants) if name not in kept
         ]
     known_names = {t["name"] for t in doc.tenants} if doc.tenants is not None else set(live_tenants)
+    issuer_changes = _plan_issuers(doc, live, names_by_id, known_names)
 
     live_routes: dict[tuple[Any, ...], tuple[str, Obj]] = {}
     for item in live.routes:
@@ -826,7 +972,7 @@ def plan(doc: Document, live: LiveState, tiers: Mapping[str, Mapping[str, int]])
                     f"tenant {gone[0]!r} would be deleted but route {route_label(route)} ({rid}) names it,"
                     " and the file has no routes: section to change that route; add the routes or keep the tenant"
                 )
-        return Plan((*t_create, *t_update, *t_delete))
+        return Plan((*t_create, *t_update, *issuer_changes, *t_delete))
 
     r_update: list[Change] = []
     r_create: list[Change] = []
@@ -857,7 +1003,45 @@ def plan(doc: Document, live: LiveState, tiers: Mapping[str, Mapping[str, int]])
         # refuses two active routes that match the same requests.
         clashes = any(_clash(route, r) for r in active.get(_match_key(route), ()))
         (first_deletes if clashes else last_deletes).append(delete)
-    return Plan((*t_create, *t_update, *first_deletes, *r_update, *r_create, *last_deletes, *t_delete))
+    return Plan((*t_create, *t_update, *issuer_changes, *first_deletes, *r_update, *r_create, *last_deletes, *t_delete))
+
+
+def _plan_issuers(doc: Document, live: LiveState, names_by_id: Mapping[str, str], known: set[str]) -> list[Change]:
+    """Deletes first (an issuer moving between tenants frees its (issuer, audience) first), then
+    replacements, then creates. Issuers of tenants being deleted are deleted explicitly too."""
+    if doc.jwt_issuers is None:
+        return []
+    live_issuers = {}
+    for item in live.jwt_issuers:
+        issuer = live_issuer(item, names_by_id)
+        live_issuers[(issuer["tenant"], issuer["issuer"])] = (item["id"], item["tenant_id"], issuer)
+    deletes: list[Change] = []
+    replaces: list[Change] = []
+    creates: list[Change] = []
+    for issuer in doc.jwt_issuers:
+        if issuer["tenant"] not in known:
+            where = "in the file's tenants: list" if doc.tenants is not None else "(the file has no tenants: section)"
+            raise StateError(f"issuer {issuer_label(issuer)}: there is no tenant named {issuer['tenant']!r} {where}")
+        found = live_issuers.get((issuer["tenant"], issuer["issuer"]))
+        if found is None:
+            if issuer_source(issuer) == HS256_KEPT and "hs256_secret" not in issuer:
+                raise StateError(f"issuer {issuer_label(issuer)}: creating an HS256 issuer needs its hs256_secret")
+            creates.append(Change("create", "issuer", issuer_label(issuer), values=issuer))
+        elif changed := _issuer_changes(found[2], issuer):
+            if issuer_source(issuer) == HS256_KEPT and "hs256_secret" not in issuer:
+                raise StateError(
+                    f"issuer {issuer_label(issuer)}: changing an HS256 issuer recreates it, which needs its"
+                    " hs256_secret in the file (the stored secret cannot be read back)"
+                )
+            replaces.append(
+                Change("update", "issuer", issuer_label(issuer), found[0], {**issuer, "tenant_id": found[1]}, changed)
+            )
+    wanted = {(i["tenant"], i["issuer"]) for i in doc.jwt_issuers}
+    for key in sorted(live_issuers):
+        if key not in wanted:
+            iid, tid, issuer = live_issuers[key]
+            deletes.append(Change("delete", "issuer", issuer_label(issuer), iid, {"tenant_id": tid}))
+    return [*deletes, *replaces, *creates]
 
 
 # --- the admin API over HTTP ---
@@ -945,13 +1129,27 @@ class AdminClient:
             if not cursor:
                 break
         routes = self.read("/admin/routes")["items"]
-        return LiveState(tuple(tenants), tuple(routes))
+        issuers = self.read("/admin/jwt-issuers")["items"]
+        return LiveState(tuple(tenants), tuple(routes), tuple(issuers))
 
     def tiers(self) -> dict[str, dict[str, int]]:
         return {t["name"]: {k: t[k] for k in TIER_LIMITS} for t in self.read("/admin/tiers")["tiers"]}
 
 
+def _execute_issuer(change: Change, client: AdminClient, tenant_ids: dict[str, str], out: TextIO) -> None:
+    if change.action != "create":
+        client.call("DELETE", f"/admin/tenants/{change.values['tenant_id']}/jwt-issuers/{change.id}")
+    if change.action != "delete":
+        body = {k: v for k, v in change.values.items() if k not in ("tenant", "tenant_id")}
+        client.call("POST", f"/admin/tenants/{tenant_ids[change.values['tenant']]}/jwt-issuers", body)
+    done = {"create": "created", "update": "replaced", "delete": "deleted"}[change.action]
+    print(f"{done} issuer {change.label}", file=out, flush=True)
+
+
 def _execute(change: Change, client: AdminClient, tenant_ids: dict[str, str], out: TextIO) -> None:
+    if change.kind == "issuer":
+        _execute_issuer(change, client, tenant_ids, out)
+        return
     base = f"/admin/{change.kind}s"
     if change.action == "delete":
         client.call("DELETE", f"{base}/{change.id}")
@@ -1025,11 +1223,18 @@ def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
     return dumper.represent_sequence(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, data, flow_style=flow)
 
 
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    """Multi-line text (a PEM key) as a literal block, the way it was written."""
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar(yaml.resolver.BaseResolver.DEFAULT_SCALAR_TAG, data, style=style)
+
+
 _Dumper.add_representer(list, _represent_list)
+_Dumper.add_representer(str, _represent_str)
 
 EXPORT_HEADER: Final = (
     "# tenantgate declarative configuration (tenantgate export); apply with: tenantgate apply -f FILE\n"
-    "# API keys are never exported.\n"
+    "# API keys and HS256 issuer secrets are never exported (apply keeps the stored secret).\n"
 )
 
 
@@ -1049,8 +1254,9 @@ def export_text(live: LiveState, warn: Callable[[str], None] | None = None) -> s
             )
         routes.append(route)
     routes.sort(key=lambda r: (r["path"], r["priority"], r["host"] or "", tuple(r["headers"].items()), r["methods"]))
+    issuers = sorted((live_issuer(i, names_by_id) for i in live.jwt_issuers), key=lambda i: (i["tenant"], i["issuer"]))
     body = yaml.dump(
-        {"tenants": tenants, "routes": routes},
+        {"tenants": tenants, "routes": routes, "jwt_issuers": issuers},
         Dumper=_Dumper,
         sort_keys=False,
         allow_unicode=True,

@@ -30,6 +30,8 @@ from shared.snapshot import (
 )
 
 router = APIRouter(prefix="/admin/tenants/{tenant_id}/jwt-issuers", tags=["jwt issuers"])
+# Every tenant's issuers at once, for operators' tools (tenantgate export/apply).
+global_router = APIRouter(prefix="/admin/jwt-issuers", tags=["jwt issuers"])
 
 KEY_SOURCES: Final = ("jwks", "jwks_uri", "public_key_pem", "hs256_secret")
 MAX_AUDIENCE_LENGTH: Final = 512
@@ -232,6 +234,13 @@ async def list_issuers(tenant_id: str, state: State, caller: Caller) -> dict[str
     tid = object_id(tenant_id, "tenant")
     caller.require_tenant_read(tid)
     return {"items": [issuer_out(i) for i in await store.list_for_tenant(state.db, tid)]}
+
+
+@global_router.get("", response_model=IssuerList)
+async def list_all_issuers(state: State, caller: Caller) -> dict[str, Any]:
+    """Every tenant's issuers (admin and viewer tokens)."""
+    caller.require_global_read()
+    return {"items": [issuer_out(i) for i in await store.list_all(state.db)]}
 
 
 @router.get("/{issuer_id}", response_model=IssuerOut)

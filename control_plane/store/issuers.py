@@ -174,6 +174,13 @@ async def list_for_tenant(db: Database, tenant_id: str) -> list[IssuerRecord]:
     return [_record(r) for r in rows]
 
 
+async def list_all(db: Database) -> list[IssuerRecord]:
+    """Every tenant's issuers, by tenant then creation (for ``tenantgate export``/``apply``)."""
+    async with db.connection() as conn:
+        rows = await conn.fetch(f"SELECT {_COLUMNS} FROM jwt_issuers ORDER BY tenant_id, seq")
+    return [_record(r) for r in rows]
+
+
 async def get(db: Database, tenant_id: str, issuer_id: str) -> IssuerRecord:
     async with db.connection() as conn:
         row = await conn.fetchrow(

@@ -238,3 +238,74 @@ def test_without_a_token_or_a_control_plane_the_error_is_one_line(tmp_path: Path
     assert down.returncode == 1
     assert down.stderr.startswith("tenantgate apply: cannot reach the admin API at http://127.0.0.1:9: ")
     assert down.stderr.endswith("— is the control plane running?\n")
+
+
+def _issuer_keys() -> tuple[str, dict[str, Any]]:
+    """A PEM public key (ES256) and an inline JWKS (RS256), as an identity provider would publish them."""
+    import json
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    jwk = json.loads(RSAAlgorithm.to_jwk(rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()))
+    return pem, {"keys": [{**jwk, "kid": "rsa-1", "alg": "RS256", "use": "sig"}]}
+
+
+def test_issuers_round_trip_through_export_and_keep_their_hs256_secret(cp: ControlPlane, tmp_path: Path) -> None:
+    pem, jwks = _issuer_keys()
+    doc = {
+        "tenants": [{"name": "Acme Corp"}, {"name": "Beta"}],
+        "jwt_issuers": [
+            {"tenant": "Acme Corp", "issuer": "https://idp.acme.example/", "audience": "acme", "algorithms": ["RS256"],
+             "jwks": jwks},
+            {"tenant": "Acme Corp", "issuer": "legacy", "audience": "acme", "algorithms": ["HS256"],
+             "hs256_secret": "s" * 40},
+            {"tenant": "Beta", "issuer": "https://login.beta.example/", "audience": "beta", "algorithms": ["ES256"],
+             "public_key_pem": pem},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    first = _apply(cp, path)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("created issuer") == 3
+    items = cp.api("GET", "/admin/jwt-issuers").json()["items"]
+    assert sorted((i["issuer"], i["key_source"]) for i in items) == [
+        ("https://idp.acme.example/", "jwks"),
+        ("https://login.beta.example/", "public_key_pem"),
+        ("legacy", "hs256_secret"),
+    ]
+
+    exported = _cli(cp, "export")
+    assert exported.returncode == 0, exported.stderr
+    assert "s" * 40 not in exported.stdout  # the secret never leaves the control plane
+    again = _cli(cp, "apply", "-f", "-", stdin=exported.stdout)
+    assert (again.returncode, again.stdout) == (0, "no changes\n")
+    assert cp.api("GET", "/admin/jwt-issuers").json()["items"] == items  # the HS256 issuer kept its secret
+
+    # Moving an issuer to another tenant frees its (issuer, audience) before claiming it again.
+    doc["jwt_issuers"][2]["tenant"] = "Acme Corp"  # type: ignore[index]
+    path.write_text(yaml.safe_dump(doc))
+    moved = _apply(cp, path)
+    assert moved.returncode == 0, moved.stderr
+    lines = moved.stdout.splitlines()
+    assert lines.index("- issuer https://login.beta.example/ of Beta") < lines.index(
+        "+ issuer https://login.beta.example/ of Acme Corp"
+    )
+    owners = {i["issuer"]: i["tenant_id"] for i in cp.api("GET", "/admin/jwt-issuers").json()["items"]}
+    acme = next(t["id"] for t in cp.api("GET", "/admin/tenants").json()["items"] if t["name"] == "Acme Corp")
+    assert owners["https://login.beta.example/"] == acme
+
+    # An empty list deletes them all; a viewer may list them, a tenant admin may not.
+    path.write_text("jwt_issuers: []\n")
+    assert _apply(cp, path).returncode == 0
+    assert cp.api("GET", "/admin/jwt-issuers").json()["items"] == []
+    tenant_admin = cp.api("POST", "/admin/tokens", {"name": "t", "role": "tenant_admin", "tenant_id": acme}).json()
+    assert cp.api("GET", "/admin/jwt-issuers", token=tenant_admin["token"]).status == 403

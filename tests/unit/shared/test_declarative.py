@@ -529,6 +529,8 @@ class FakeAdmin(AdminClient):
                 return {"items": list(self.live.tenants), "next_cursor": None}
             if path == "/admin/routes":
                 return {"items": list(self.live.routes)}
+            if path == "/admin/jwt-issuers":
+                return {"items": list(self.live.jwt_issuers)}
             return {"tiers": [{"name": k, **v} for k, v in TIERS.items()]}
         if f"{method} {path}" == self.fail_on:
             raise AdminAPIError(422, "invalid_request", "upstreams: nope", "rid1")
@@ -591,3 +593,136 @@ def test_a_bad_file_reaches_no_server(tmp_path: Path) -> None:
     assert err == "tenantgate apply: " + str(tmp_path / "gw.yaml") + ":1: tenants[0].tier: must be one of free," + (
         " basic, premium, enterprise, got 'gold'\n"
     )
+
+
+# --- JWT issuers ---
+
+JWKS = {"keys": [{"kty": "RSA", "kid": "k1", "n": "AQAB", "e": "AQAB", "alg": "RS256"}]}
+
+
+def _issuer_item(tenant: str, issuer: str, **fields: Any) -> dict[str, Any]:
+    """An issuer as GET /admin/jwt-issuers returns it."""
+    item: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "tenant_id": str(uuid.uuid5(uuid.NAMESPACE_DNS, tenant)),
+        "issuer": issuer,
+        "audience": "api",
+        "algorithms": ["RS256"],
+        "key_source": "jwks_uri",
+        "jwks": None,
+        "jwks_uri": "https://idp.example/jwks.json",
+        "public_key_pem": None,
+        "keys": [],
+        "jwks_fetched_at": None,
+        "jwks_error": None,
+        "created_at": "2026-01-01T00:00:00Z",
+    }
+    item.update(fields)
+    return item
+
+
+def _issuer_plan(text: str, tenants: Sequence[str], issuers: Sequence[dict[str, Any]]) -> decl.Plan:
+    live = LiveState(tuple(_tenant_item(t) for t in tenants), (), tuple(issuers))
+    return plan(_doc(text), live, TIERS)
+
+
+ISSUER_FILE = """\
+jwt_issuers:
+  - tenant: Acme
+    issuer: https://idp.example/
+    audience: api
+    algorithms: [RS256]
+    jwks_uri: https://idp.example/jwks.json
+"""
+
+
+def test_an_issuer_needs_exactly_one_key_source_that_fits_its_algorithms() -> None:
+    base = "jwt_issuers:\n  - {tenant: A, issuer: i, audience: a, algorithms: [%s]%s}\n"
+    assert "give one key source" in _error(base % ("RS256", ""))
+    assert "exactly one key source, not jwks_uri and public_key_pem" in _error(
+        base % ("RS256", ", jwks_uri: 'https://x/j', public_key_pem: k")
+    )
+    assert "HS256 issuers take hs256_secret" in _error(base % ("HS256", ", jwks_uri: 'https://x/j'"))
+    assert "only for algorithms [HS256]" in _error(base % ("RS256", ", hs256_secret: s"))
+    assert "must be one of" in _error(base % ("none", ", jwks_uri: 'https://x/j'"))
+    assert "JWKS mapping" in _error(base % ("RS256", ", jwks: {a: 1}"))
+    doc = _doc(base % ("HS256", ""))  # an HS256 issuer may keep its stored secret
+    assert doc.jwt_issuers == ({"tenant": "A", "issuer": "i", "audience": "a", "algorithms": ["HS256"]},)
+
+
+def test_issuers_are_unique_per_tenant_and_per_issuer_and_audience() -> None:
+    one = "  - {tenant: %s, issuer: i, audience: %s, algorithms: [RS256], jwks_uri: 'https://x/j'}\n"
+    assert "a tenant has one entry per issuer" in _error("jwt_issuers:\n" + one % ("A", "a") + one % ("A", "b"))
+    assert "one tenant per (issuer, audience)" in _error("jwt_issuers:\n" + one % ("A", "a") + one % ("B", "a"))
+    text = "tenants: [{name: A}]\njwt_issuers:\n" + one % ("B", "a")
+    assert "no tenant named 'B' in the file's tenants: list" in _error(text)
+
+
+def test_a_matching_issuer_is_no_change_and_a_changed_one_is_replaced() -> None:
+    assert _issuer_plan(ISSUER_FILE, ["Acme"], [_issuer_item("Acme", "https://idp.example/")]).changes == ()
+    live = _issuer_item("Acme", "https://idp.example/", audience="old")
+    (change,) = _issuer_plan(ISSUER_FILE, ["Acme"], [live]).changes
+    assert (change.action, change.kind, change.id) == ("update", "issuer", live["id"])
+    assert change.fields == (("audience", "old", "api"),)
+
+
+def test_issuers_absent_from_the_file_are_deleted_first_and_new_ones_created() -> None:
+    live = [_issuer_item("Acme", "https://old.example/", audience="api")]
+    changes = _issuer_plan(ISSUER_FILE, ["Acme"], live).changes
+    assert [(c.action, c.label) for c in changes] == [
+        ("delete", "https://old.example/ of Acme"),
+        ("create", "https://idp.example/ of Acme"),
+    ]
+
+
+def test_an_hs256_secret_is_needed_only_to_create_or_recreate_the_issuer() -> None:
+    text = "jwt_issuers:\n  - {tenant: Acme, issuer: h, audience: %s, algorithms: [HS256]}\n"
+    stored = _issuer_item("Acme", "h", algorithms=["HS256"], key_source="hs256_secret", jwks_uri=None)
+    assert _issuer_plan(text % "api", ["Acme"], [stored]).changes == ()
+    with pytest.raises(StateError, match="creating an HS256 issuer needs its hs256_secret"):
+        _issuer_plan(text % "api", ["Acme"], [])
+    with pytest.raises(StateError, match="needs its hs256_secret in the file"):
+        _issuer_plan(text % "other", ["Acme"], [stored])
+
+
+def test_export_then_plan_of_issuers_is_no_change_and_holds_no_secret() -> None:
+    pem = "-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----\n"
+    issuers = [
+        _issuer_item("Acme", "https://idp.example/"),
+        _issuer_item("Acme", "inline", key_source="jwks", jwks=JWKS, jwks_uri=None),
+        _issuer_item(
+            "Beta", "pem", algorithms=["ES256"], key_source="public_key_pem", public_key_pem=pem, jwks_uri=None
+        ),
+        _issuer_item("Beta", "hmac", algorithms=["HS256"], key_source="hs256_secret", jwks_uri=None),
+    ]
+    live = LiveState((_tenant_item("Acme"), _tenant_item("Beta")), (), tuple(issuers))
+    text = decl.export_text(live)
+    assert "hs256_secret" not in text.split("\n", 2)[2]
+    assert "public_key_pem: |" in text  # the PEM stays readable
+    data = yaml.safe_load(text)
+    assert [(i["tenant"], i["issuer"]) for i in data["jwt_issuers"]] == [
+        ("Acme", "https://idp.example/"),
+        ("Acme", "inline"),
+        ("Beta", "hmac"),
+        ("Beta", "pem"),
+    ]
+    assert plan(parse(text, "export"), live, TIERS).changes == ()
+
+
+def test_apply_replaces_an_issuer_by_delete_then_create_under_its_tenant(tmp_path: Path) -> None:
+    live_issuer = _issuer_item("Acme", "https://idp.example/", audience="old")
+    admin = FakeAdmin(LiveState((_tenant_item("Acme"),), (), (live_issuer,)))
+    code, out, err = _apply(admin, ISSUER_FILE, tmp_path)
+    assert (code, err) == (0, "")
+    tid = live_issuer["tenant_id"]
+    assert [(m, p) for m, p, _ in admin.writes] == [
+        ("DELETE", f"/admin/tenants/{tid}/jwt-issuers/{live_issuer['id']}"),
+        ("POST", f"/admin/tenants/{tid}/jwt-issuers"),
+    ]
+    assert admin.writes[1][2] == {
+        "issuer": "https://idp.example/",
+        "audience": "api",
+        "algorithms": ["RS256"],
+        "jwks_uri": "https://idp.example/jwks.json",
+    }
+    assert "replaced issuer https://idp.example/ of Acme" in out
