@@ -25,12 +25,14 @@ class Ack(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class Nack(_message.Message):
-    __slots__ = ("version", "error")
+    __slots__ = ("version", "error", "resync")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_FIELD_NUMBER: _ClassVar[int]
     version: int
     error: str
-    def __init__(self, version: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    resync: bool
+    def __init__(self, version: _Optional[int] = ..., error: _Optional[str] = ..., resync: _Optional[bool] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("hello", "ack", "nack")
@@ -43,10 +45,32 @@ class WatchRequest(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., nack: _Optional[_Union[Nack, _Mapping]] = ...) -> None: ...
 
 class ConfigUpdate(_message.Message):
-    __slots__ = ("snapshot",)
+    __slots__ = ("snapshot", "delta")
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     snapshot: _snapshot_pb2.Snapshot
-    def __init__(self, snapshot: _Optional[_Union[_snapshot_pb2.Snapshot, _Mapping]] = ...) -> None: ...
+    delta: SnapshotDelta
+    def __init__(self, snapshot: _Optional[_Union[_snapshot_pb2.Snapshot, _Mapping]] = ..., delta: _Optional[_Union[SnapshotDelta, _Mapping]] = ...) -> None: ...
+
+class SnapshotDelta(_message.Message):
+    __slots__ = ("from_version", "upserts", "removed_tenants", "removed_api_keys", "removed_routes", "removed_jwt_issuers", "removed_oauth_clients", "removed_signing_keys")
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPSERTS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_TENANTS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_API_KEYS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_ROUTES_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_JWT_ISSUERS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_OAUTH_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_SIGNING_KEYS_FIELD_NUMBER: _ClassVar[int]
+    from_version: int
+    upserts: _snapshot_pb2.Snapshot
+    removed_tenants: _containers.RepeatedScalarFieldContainer[str]
+    removed_api_keys: _containers.RepeatedScalarFieldContainer[str]
+    removed_routes: _containers.RepeatedScalarFieldContainer[str]
+    removed_jwt_issuers: _containers.RepeatedScalarFieldContainer[str]
+    removed_oauth_clients: _containers.RepeatedScalarFieldContainer[str]
+    removed_signing_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, from_version: _Optional[int] = ..., upserts: _Optional[_Union[_snapshot_pb2.Snapshot, _Mapping]] = ..., removed_tenants: _Optional[_Iterable[str]] = ..., removed_api_keys: _Optional[_Iterable[str]] = ..., removed_routes: _Optional[_Iterable[str]] = ..., removed_jwt_issuers: _Optional[_Iterable[str]] = ..., removed_oauth_clients: _Optional[_Iterable[str]] = ..., removed_signing_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UsageRecord(_message.Message):
     __slots__ = ("tenant_id", "route_id", "minute", "status_class", "requests", "errors", "rejected", "bytes_in", "bytes_out", "latency_buckets")

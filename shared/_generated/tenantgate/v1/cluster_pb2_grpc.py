@@ -53,8 +53,8 @@ class ClusterServicer:
     def Watch(self, request_iterator, context):
         """The data plane opens the stream with Hello (cluster token in the
         "authorization: Bearer ..." metadata) and answers each ConfigUpdate with an
-        Ack or a Nack. The control plane sends a full snapshot whenever the node is
-        behind, and again after every change.
+        Ack or a Nack. The control plane sends a full snapshot when the node is behind
+        further than its recent deltas reach, otherwise the deltas, and one after every change.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
