@@ -3,7 +3,7 @@
     snap   = holder.current                      one reference read; the request finishes on it
     target = canonicalise(raw target)            400 on anything ambiguous
     match  = snap.router.match(path, method)     404 / 405
-    tenant = authenticate(X-API-Key, snap)       401; inactive tenant 403
+    ident  = snap.auth.admit(headers, route)     X-API-Key | Bearer JWT: 400 / 401 / 403 (data_plane.auth)
     proxy  = forward(route, target, tenant)      502 / 504
 
 Every failure is a :class:`~data_plane.errors.GatewayError`, turned into the SPEC's error
@@ -20,10 +20,8 @@ from typing import Final
 
 from aiohttp import web
 
-from data_plane.auth import apikey
+from data_plane.auth import oauth
 from data_plane.errors import (
-    BadRequest,
-    Forbidden,
     GatewayError,
     MethodNotAllowed,
     NotReady,
@@ -33,11 +31,10 @@ from data_plane.errors import (
 )
 from data_plane.proxy import Proxy
 from data_plane.request import canonicalise
-from data_plane.router import CompiledRoute, request_host
-from data_plane.snapshot import Compiled, Holder
+from data_plane.router import request_host
+from data_plane.snapshot import Holder
 from data_plane.upstream.client import UpstreamClient
 from shared.settings import Settings
-from shared.snapshot import Tenant
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +55,7 @@ def error_response(exc: GatewayError, rid: str) -> web.Response:
     response.headers["X-Request-ID"] = rid
     for name, value in exc.headers:
         response.headers[name] = value
-    if isinstance(exc, Unauthenticated):
+    if isinstance(exc, Unauthenticated) and "WWW-Authenticate" not in response.headers:
         response.headers["WWW-Authenticate"] = _WWW_AUTHENTICATE
     elif isinstance(exc, MethodNotAllowed):
         response.headers["Allow"] = ", ".join(exc.allow)
@@ -79,6 +76,8 @@ class Pipeline:
             if snap is None:
                 raise NotReady("no configuration loaded yet")
             target = canonicalise(request.raw_path)
+            if target.path in oauth.PATHS:  # the gateway's own endpoints: never shadowed by a route
+                return await oauth.serve(request, target.path, snap.auth.token_service, rid)
             headers = request.headers
             host = request_host(headers.get("Host"))
             match = snap.router.match(target.path, request.method, host, headers)
@@ -87,39 +86,11 @@ class Pipeline:
             route = match.route
             if request.method not in route.methods:
                 raise MethodNotAllowed(snap.router.allow_header(target.path, host, headers))
-            tenant = self._authenticate(request, snap, route)
-            if route.tenants or route.tiers or route.scopes:
-                authorise(route, tenant)
+            identity = snap.auth.admit(headers, target.raw_query, route)
+            tenant = identity.tenant if identity is not None else None
             limit = route.route.max_body_bytes
             if limit and request.content_length is not None and request.content_length > limit:
                 raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
             return await self._proxy.forward(request, snap, route, target, tenant, rid)
         except GatewayError as exc:
             return error_response(exc, rid)
-
-    @staticmethod
-    def _authenticate(request: web.BaseRequest, snap: Compiled, route: CompiledRoute) -> Tenant | None:
-        keys = request.headers.getall(apikey.HEADER, ())
-        if len(keys) > 1:
-            raise BadRequest("more than one X-API-Key header", code="conflicting_credentials")
-        if not keys:
-            if route.route.auth_required:
-                raise Unauthenticated("missing credentials: send X-API-Key", code="missing_credentials")
-            return None
-        tenant = apikey.authenticate(keys[0], snap)
-        if not tenant.is_active:
-            raise Forbidden("this tenant is inactive", code="tenant_inactive")
-        return tenant
-
-
-def authorise(route: CompiledRoute, tenant: Tenant | None) -> None:
-    """The route's access rules: which tenants, which tiers, which JWT scopes."""
-    if tenant is None:
-        raise Unauthenticated("this route needs credentials: send X-API-Key", code="missing_credentials")
-    if route.tenants and tenant.id not in route.tenants:
-        raise Forbidden("this tenant may not use this route", code="tenant_not_allowed")
-    if route.tiers and tenant.tier not in route.tiers:
-        raise Forbidden("this tenant's tier may not use this route", code="tier_not_allowed")
-    if route.scopes:
-        # Scopes come only with a JWT; an API key grants none.
-        raise Forbidden("this route requires token scopes that an API key does not carry", code="insufficient_scope")

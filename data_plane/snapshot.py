@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from data_plane.auth.stage import Auth
 from data_plane.router import Router
 from data_plane.upstream.client import Target
 from shared import snapshot as model
@@ -26,6 +27,8 @@ class Compiled:
     # Route id → its upstream, parsed once.
     upstreams: dict[str, Target]
     compile_ms: float
+    # Key table, token verifier (with its cache) and token endpoint state of this snapshot.
+    auth: Auth
 
 
 def compile_snapshot(msg: snapshot_pb2.Snapshot) -> Compiled:
@@ -37,7 +40,8 @@ def compile_snapshot(msg: snapshot_pb2.Snapshot) -> Compiled:
     router = Router(snap.routes)
     # One upstream per route for now; the first is the route's target.
     upstreams = {r.id: Target.parse(r.upstreams[0].url, r.timeout_ms) for r in snap.routes}
-    return Compiled(snap.version, router, by_hash, tenants, upstreams, (time.perf_counter() - started) * 1000)
+    auth = Auth(snap, tenants)
+    return Compiled(snap.version, router, by_hash, tenants, upstreams, (time.perf_counter() - started) * 1000, auth)
 
 
 class Holder:
