@@ -24,7 +24,9 @@ from typing import Final
 from shared import patterns
 from shared.snapshot import HTTP_METHODS, Route
 
-_ALL_METHODS: Final = frozenset(HTTP_METHODS)
+# A route without a method list takes every method but TRACE: TRACE echoes the request back
+# (headers and all) and is allowed only where a route lists it.
+_ALL_METHODS: Final = frozenset(HTTP_METHODS - {"TRACE"})
 
 Rank = tuple[int, int, int, int, int, int]
 

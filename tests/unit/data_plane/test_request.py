@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from data_plane.errors import BadRequest
-from data_plane.request import MAX_TARGET_LENGTH, Target, canonicalise, strip_segments
+from data_plane.request import MAX_TARGET_LENGTH, Target, canonicalise, check_message, expects_continue, strip_segments
 
 pytestmark = pytest.mark.unit
 
@@ -199,3 +200,81 @@ def test_raw_path_decodes_to_path() -> None:
 )
 def test_strip_segments(raw_path: str, count: int, expected: str) -> None:
     assert strip_segments(raw_path, count) == expected
+
+
+# --- check_message: version, framing, Host ---
+
+
+def _headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
+def _message_rejected(version: tuple[int, int], *pairs: tuple[str, str]) -> BadRequest:
+    with pytest.raises(BadRequest) as exc_info:
+        check_message(version, _headers(*pairs))
+    return exc_info.value
+
+
+@pytest.mark.parametrize("version", [(0, 9), (2, 0), (1, 2), (3, 0)])
+def test_other_http_versions_are_rejected(version: tuple[int, int]) -> None:
+    assert _message_rejected(version, ("Host", "a")).code == "unsupported_http_version"
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [
+        [("Transfer-Encoding", "gzip, chunked")],
+        [("Transfer-Encoding", "chunked, chunked")],
+        [("Transfer-Encoding", "identity")],
+        [("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")],
+        [("Transfer-Encoding", "chunked"), ("Content-Length", "3")],
+    ],
+)
+def test_ambiguous_framing_is_rejected(codings: list[tuple[str, str]]) -> None:
+    assert _message_rejected((1, 1), ("Host", "a"), *codings).code == "bad_framing"
+
+
+def test_transfer_encoding_in_http_10_is_rejected() -> None:
+    assert _message_rejected((1, 0), ("Transfer-Encoding", "chunked")).code == "bad_framing"
+
+
+@pytest.mark.parametrize("value", ["chunked", "Chunked", " CHUNKED "])
+def test_chunked_alone_is_accepted(value: str) -> None:
+    check_message((1, 1), _headers(("Host", "a"), ("Transfer-Encoding", value)))
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["evil.com@good.com", "good.com/x", "good.com x", "", "good.com:80:80", "good.com:abc", "[::1", "-x.com"],
+)
+def test_malformed_host_is_rejected(host: str) -> None:
+    assert _message_rejected((1, 1), ("Host", host)).code == "bad_host"
+
+
+def test_two_host_headers_are_rejected() -> None:
+    assert _message_rejected((1, 1), ("Host", "a.com"), ("Host", "b.com")).code == "bad_host"
+
+
+@pytest.mark.parametrize(
+    "host", ["api.example.com", "API.Example.com:8000", "127.0.0.1:8000", "[::1]:8000", "user_service:3000", "a"]
+)
+def test_plain_host_is_accepted(host: str) -> None:
+    check_message((1, 1), _headers(("Host", host)))
+
+
+def test_http_10_without_host_is_accepted() -> None:
+    check_message((1, 0), _headers())
+
+
+@pytest.mark.parametrize(
+    ("version", "expect", "expected"),
+    [
+        ((1, 1), "100-continue", True),
+        ((1, 1), "100-Continue", True),
+        ((1, 0), "100-continue", False),
+        ((1, 1), "", False),
+    ],
+)
+def test_expects_continue(version: tuple[int, int], expect: str, expected: bool) -> None:
+    headers = _headers(("Expect", expect)) if expect else _headers()
+    assert expects_continue(version, headers) is expected

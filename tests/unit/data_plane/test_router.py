@@ -9,7 +9,7 @@ from shared.snapshot import Route, Upstream
 
 pytestmark = pytest.mark.unit
 
-ALL_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")
+ALL_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
 def _route(id: str, path: str, methods: tuple[str, ...] = (), priority: int = 0) -> Route:
@@ -234,13 +234,21 @@ def test_empty_router_returns_none() -> None:
 # --- methods ---
 
 
-def test_route_without_methods_allows_every_method() -> None:
+def test_route_without_methods_allows_every_method_but_trace() -> None:
     router = Router([_route("any", "/a")])
     for method in ALL_METHODS:
         m = router.match("/a", method)
         assert m is not None
         assert method in m.route.methods
     assert router.allow_header("/a") == ALL_METHODS
+    trace = router.match("/a", "TRACE")
+    assert trace is not None and "TRACE" not in trace.route.methods
+
+
+def test_trace_is_allowed_where_the_route_lists_it() -> None:
+    router = Router([_route("echo", "/a", methods=("GET", "TRACE"))])
+    m = router.match("/a", "TRACE")
+    assert m is not None and "TRACE" in m.route.methods
 
 
 def test_route_refusing_method_falls_through_to_less_specific_route() -> None:
