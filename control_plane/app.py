@@ -18,11 +18,13 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 import shared
-from control_plane.api import config, errors, health, issuers, keys, oauth, routes, tenants, tiers, tokens
+from control_plane import metrics
+from control_plane.api import config, errors, health, issuers, keys, nodes, oauth, routes, tenants, tiers, tokens, usage
 from control_plane.api.deps import AppState
 from control_plane.auth import Authenticator
+from control_plane.cluster.server import start_cluster
 from control_plane.cluster.snapshots import SnapshotCache
-from control_plane.cluster.watch import ClusterService, NodeRegistry, create_server
+from control_plane.cluster.usage import UsageIngest
 from control_plane.errors import StoreUnavailable
 from control_plane.jwks import JwksFetcher
 from control_plane.store import signing_keys
@@ -49,8 +51,9 @@ def create_app(state: AppState) -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     # Every admin endpoint declares the error answers it can give, so /openapi.json is true.
-    for module in (tenants, keys, issuers, oauth, routes, tiers, tokens, config):
+    for module in (tenants, keys, issuers, oauth, routes, tiers, tokens, config, nodes, usage):
         app.include_router(module.router, responses=errors.ERROR_RESPONSES)
+    metrics.install(app)
     app.include_router(issuers.global_router, responses=errors.ERROR_RESPONSES)
 
     @app.middleware("http")
@@ -146,12 +149,9 @@ async def serve(settings: Settings) -> None:
         await cache.start()
         fetcher = JwksFetcher(db, cache)
         await fetcher.start()
-        grpc_server = create_server(ClusterService(cache, settings.cluster_token, NodeRegistry()))
-        try:
-            grpc_server.add_insecure_port(str(settings.cluster_listen))
-        except RuntimeError as exc:
-            raise OSError(f"cannot listen on {settings.cluster_listen} (TENANTGATE_CLUSTER_LISTEN)") from exc
-        await grpc_server.start()
+        usage_ingest = UsageIngest(db)
+        usage_ingest.start()  # the scheduled rollup
+        cluster = await start_cluster(settings, cache, db, usage_ingest)
         state = AppState(settings, db, cache, Authenticator(settings.admin_token, db))
         server = _Server(
             uvicorn.Config(create_app(state), log_config=None, access_log=False, lifespan="off", server_header=False)
@@ -167,7 +167,8 @@ async def serve(settings: Settings) -> None:
         server.should_exit = True
         stopper.cancel()
         await asyncio.wait_for(api, SHUTDOWN_GRACE_S)
-        await grpc_server.stop(grace=1.0)
+        await cluster.stop()
+        await usage_ingest.stop()
         await fetcher.stop()
         await cache.stop()
     finally:

@@ -1,27 +1,35 @@
 """The Watch client: keeps this worker's snapshot in step with the control plane.
 
-It connects with the cluster token, says which version it has, and applies each snapshot it
-receives: validated and compiled whole, then swapped in by one reference assignment and
-ACKed. A snapshot that fails validation is NACKed with the reason and the old one keeps
-serving. When the stream breaks, it reconnects with jittered exponential backoff and
-resumes from the version it has.
+It connects with the cluster token (over TLS when ``CLUSTER_TLS_CA`` is set), says which
+version it has, and applies each update it receives: a full snapshot, validated whole, or a
+delta on the version it holds. Parsing, validation and compiling run in a worker thread, so
+requests keep being served while a large snapshot applies; the result is swapped in by one
+reference assignment and ACKed. An update that fails validation is NACKed with the reason
+and the old snapshot keeps serving; a delta on another base asks for a full snapshot
+(``Nack.resync``). When the stream breaks, it reconnects with jittered exponential backoff
+and resumes from the version it has.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import Final
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
+from prometheus_client import Counter, Gauge, Histogram
 
 import shared
 from data_plane import disk
-from data_plane.snapshot import Holder, compile_snapshot
-from shared._generated.tenantgate.v1 import cluster_pb2, cluster_pb2_grpc, snapshot_pb2
+from data_plane.snapshot import Compiled, Holder, StaleBase, apply_delta, compile_objects, decode_full
+from shared import snapshot as model
+from shared._generated.tenantgate.v1 import cluster_pb2
 from shared.errors import InvalidSnapshot
 from shared.settings import Settings
 
@@ -30,16 +38,43 @@ log = logging.getLogger(__name__)
 BACKOFF_INITIAL_S: Final = 0.2
 BACKOFF_MAX_S: Final = 10.0
 MAX_MESSAGE_BYTES: Final = 256 * 1024 * 1024
-# Pings every 20 s; the control plane permits one per 10 s (control_plane/cluster/watch.py).
+WATCH_METHOD: Final = "/tenantgate.v1.Cluster/Watch"
+# Keepalive, aligned with control_plane/cluster/watch.py: ping after 10 s of silence; the
+# control plane permits pings down to 5 s apart, so it never answers "too_many_pings".
 CHANNEL_OPTIONS: Final = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.enable_retries", 0),
 ]
+# The journal of deltas on disk is folded into a whole snapshot once it is this much larger
+# than the snapshot file (or past the floor, for small configs).
+JOURNAL_COMPACT_RATIO: Final = 1.0
+JOURNAL_COMPACT_FLOOR_BYTES: Final = 1024 * 1024
+
+CONFIG_VERSION: Final = Gauge(
+    "tenantgate_dp_config_version",
+    "Config version this data-plane worker serves (the least up-to-date live worker).",
+    multiprocess_mode="livemin",
+)
+CP_CONNECTED: Final = Gauge(
+    "tenantgate_dp_cp_connected",
+    "1 while this worker's Watch stream to the control plane is up (least connected live worker).",
+    multiprocess_mode="livemin",
+)
+APPLY_SECONDS: Final = Histogram(
+    "tenantgate_dp_snapshot_apply_seconds",
+    "Time to parse, validate and compile a config update, by kind (full, delta).",
+    ["kind"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+NACKS: Final = Counter(
+    "tenantgate_dp_config_nacks_total",
+    "Config updates this worker rejected (kept the previous snapshot).",
+)
 
 
 @dataclass(slots=True)
@@ -49,29 +84,72 @@ class ClusterStatus:
     nacks: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Applied:
+    compiled: Compiled
+    full: cluster_pb2.ConfigUpdate | None  # the update, when it was a full snapshot
+    delta: cluster_pb2.SnapshotDelta | None
+
+
+def _prepare(raw: bytes, current: Compiled | None) -> _Applied:
+    """Parse, validate and compile one update (in a worker thread)."""
+    update = cluster_pb2.ConfigUpdate.FromString(raw)
+    if update.HasField("delta"):
+        if current is None:
+            raise StaleBase("a delta arrived, but no snapshot is held")
+        objects, changes = apply_delta(current.objects, update.delta)
+        return _Applied(compile_objects(objects, current, changes), None, update.delta)
+    if not update.HasField("snapshot"):
+        raise InvalidSnapshot("the update holds neither a snapshot nor a delta")
+    # A whole config allocates millions of objects: full collections meanwhile would scan
+    # them again and again while holding the interpreter. Collected once, below.
+    gc.disable()
+    try:
+        return _Applied(compile_objects(decode_full(update.snapshot)), update, None)
+    finally:
+        gc.enable()
+
+
 class ConfigClient:
     def __init__(self, settings: Settings, holder: Holder, rng: random.Random | None = None) -> None:
         self._data_dir = settings.data_dir
         assert settings.cluster_token is not None
         self._addr = str(settings.cp_addr)
+        self._ca = settings.cluster_tls_ca.read_bytes() if settings.cluster_tls_ca is not None else None
         self._metadata = (("authorization", f"Bearer {settings.cluster_token.reveal()}"),)
         self._node_id = settings.node_id
         self._holder = holder
         self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not a secret
         self.status = ClusterStatus()
         self._saving: asyncio.Future[None] | None = None
+        CP_CONNECTED.set(0)
 
     def restore_from_disk(self) -> bool:
         """Serve the last snapshot saved on disk until the control plane answers. True if one was loaded."""
-        msg = disk.load(self._data_dir)
-        if msg is None or self._holder.current is not None:
+        saved = disk.load(self._data_dir)
+        if saved is None or self._holder.current is not None:
             return False
+        msg, deltas = saved
         try:
-            compiled = compile_snapshot(msg)
+            compiled = compile_objects(decode_full(msg))
         except (InvalidSnapshot, ValueError) as exc:
             log.warning("the snapshot on disk is invalid; ignoring it", extra={"error": str(exc)})
             return False
+        for delta in deltas:
+            try:
+                objects, changes = apply_delta(compiled.objects, delta)
+            except (StaleBase, InvalidSnapshot, ValueError) as exc:
+                # Start the files afresh from what is served, so later deltas append to it.
+                log.warning("stopped replaying the snapshot journal", extra={"error": str(exc)})
+                try:
+                    disk.save(self._data_dir, model.to_proto(compiled.objects.snapshot()))
+                except OSError as save_exc:
+                    log.warning("cannot save the snapshot to disk", extra={"error": str(save_exc)})
+                break
+            compiled = compile_objects(objects, compiled, changes)
         self._holder.swap(compiled, "disk")
+        CONFIG_VERSION.set(compiled.version)
+        gc.freeze()
         log.info("serving the snapshot saved on disk", extra={"config_version": compiled.version})
         return True
 
@@ -86,6 +164,7 @@ class ConfigClient:
                 self._disconnected(exc)
             finally:
                 self.status.connected = False
+                CP_CONNECTED.set(0)
             if received:
                 delay = BACKOFF_INITIAL_S
             sleep = delay * (0.5 + self._rng.random())  # jitter: 0.5x-1.5x
@@ -96,6 +175,11 @@ class ConfigClient:
         code = exc.code()
         if code == grpc.StatusCode.UNAUTHENTICATED:
             message = f"the control plane at {self._addr} refused the cluster token; check TENANTGATE_CLUSTER_TOKEN"
+        elif code == grpc.StatusCode.UNAVAILABLE and self._ca is not None:
+            message = (
+                f"control plane at {self._addr} unavailable over TLS (is it up, serving TLS with a"
+                f" certificate TENANTGATE_CLUSTER_TLS_CA trusts?): {exc.details()}"
+            )
         elif code == grpc.StatusCode.UNAVAILABLE:
             message = f"control plane at {self._addr} unavailable: {exc.details()}"
         else:
@@ -104,12 +188,22 @@ class ConfigClient:
             log.warning(message)
         self.status.last_error = message
 
+    def _channel(self) -> aio.Channel:
+        if self._ca is None:
+            return aio.insecure_channel(self._addr, options=CHANNEL_OPTIONS)
+        return aio.secure_channel(self._addr, grpc.ssl_channel_credentials(root_certificates=self._ca), CHANNEL_OPTIONS)
+
     async def _session(self) -> bool:
-        """One stream's life; True if it delivered at least one snapshot."""
+        """One stream's life; True if it delivered at least one update."""
         received = False
-        async with aio.insecure_channel(self._addr, options=CHANNEL_OPTIONS) as channel:
-            stub = cluster_pb2_grpc.ClusterStub(channel)
-            call = stub.Watch(metadata=self._metadata)
+        async with self._channel() as channel:
+            # Updates come as bytes: they are parsed in a worker thread, not on the loop.
+            watch = channel.stream_stream(
+                WATCH_METHOD,
+                request_serializer=cluster_pb2.WatchRequest.SerializeToString,
+                response_deserializer=None,
+            )
+            call = watch(metadata=self._metadata)
             have = self._holder.current.version if self._holder.current is not None else 0
             await call.write(
                 cluster_pb2.WatchRequest(
@@ -124,52 +218,93 @@ class ConfigClient:
             if not call.done():
                 self._on_connected()
             while True:
-                update = await call.read()
-                if update is aio.EOF:
+                raw = await call.read()
+                if raw is aio.EOF:
                     return received
                 self._on_connected()
                 received = True
-                await call.write(self._apply(update))
-
-    def _persist(self, msg: snapshot_pb2.Snapshot) -> None:
-        """Save the snapshot off the event loop; saves run one at a time, newest last."""
-        previous = self._saving
-
-        async def save() -> None:
-            if previous is not None:
-                await asyncio.gather(previous, return_exceptions=True)
-            try:
-                await asyncio.to_thread(disk.save, self._data_dir, msg)
-            except OSError as exc:
-                log.warning("cannot save the snapshot to disk", extra={"error": str(exc)})
-
-        self._saving = asyncio.ensure_future(save())
+                await call.write(await self._apply(raw))
 
     def _on_connected(self) -> None:
         if not self.status.connected:
             self.status.connected = True
             self.status.last_error = ""
+            CP_CONNECTED.set(1)
             log.info("connected to control plane", extra={"cp_addr": self._addr})
 
-    def _apply(self, update: cluster_pb2.ConfigUpdate) -> cluster_pb2.WatchRequest:
-        version = update.snapshot.version
+    async def _apply(self, raw: bytes) -> cluster_pb2.WatchRequest:
+        previous = self._holder.current
+        started = time.perf_counter()
         try:
-            compiled = compile_snapshot(update.snapshot)
-        except (InvalidSnapshot, ValueError) as exc:
+            applied = await asyncio.to_thread(_prepare, raw, previous)
+        except StaleBase as exc:
+            log.info("asking for a full snapshot", extra={"reason": str(exc)})
+            have = previous.version if previous is not None else 0
+            return cluster_pb2.WatchRequest(nack=cluster_pb2.Nack(version=have, error=str(exc), resync=True))
+        except (InvalidSnapshot, ValueError, DecodeError) as exc:
+            version = _version_of(raw)
             self.status.nacks += 1
+            NACKS.inc()
             log.error(
                 "snapshot rejected; keeping the previous one",
                 extra={"config_version": version, "error": str(exc)},
             )
             return cluster_pb2.WatchRequest(nack=cluster_pb2.Nack(version=version, error=str(exc)[:1000]))
+        compiled = applied.compiled
         self._holder.swap(compiled, "control_plane")
-        self._persist(update.snapshot)
+        kind = "full" if applied.full is not None else "delta"
+        APPLY_SECONDS.labels(kind).observe(time.perf_counter() - started)
+        CONFIG_VERSION.set(compiled.version)
+        self._persist(applied)
+        if applied.full is not None:
+            # The previous snapshot's objects are freed here and now by reference counting;
+            # what survives is moved out of the collector's way.
+            del previous, applied
+            gc.freeze()
         log.info(
             "snapshot applied",
             extra={
-                "config_version": version,
+                "config_version": compiled.version,
+                "kind": kind,
                 "compile_ms": round(compiled.compile_ms, 2),
+                "apply_ms": round((time.perf_counter() - started) * 1000, 2),
                 "routes": compiled.router.size,
             },
         )
-        return cluster_pb2.WatchRequest(ack=cluster_pb2.Ack(version=version))
+        return cluster_pb2.WatchRequest(ack=cluster_pb2.Ack(version=compiled.version))
+
+    def _persist(self, applied: _Applied) -> None:
+        """Save off the event loop; saves run one at a time, in order."""
+        previous = self._saving
+        full = applied.full.snapshot if applied.full is not None else None
+        delta, compiled = applied.delta, applied.compiled
+
+        def write() -> None:
+            if full is not None:
+                disk.save(self._data_dir, full)
+                return
+            assert delta is not None
+            size = disk.append(self._data_dir, delta)
+            if size > max(JOURNAL_COMPACT_FLOOR_BYTES, JOURNAL_COMPACT_RATIO * disk.snapshot_size(self._data_dir)):
+                disk.save(self._data_dir, model.to_proto(compiled.objects.snapshot()))
+
+        async def save() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            try:
+                await asyncio.to_thread(write)
+            except OSError as exc:
+                log.warning("cannot save the snapshot to disk", extra={"error": str(exc)})
+
+        self._saving = asyncio.ensure_future(save())
+
+
+def _version_of(raw: bytes) -> int:
+    """The version an update names, for a NACK (0 when it cannot even be parsed)."""
+    try:
+        update = cluster_pb2.ConfigUpdate.FromString(raw)
+    except DecodeError:
+        return 0
+    if update.HasField("delta"):
+        return int(update.delta.upserts.version)
+    return int(update.snapshot.version)

@@ -3,45 +3,237 @@
 Everything a request needs that can be computed per snapshot is computed here, once:
 the route trie and the key table (hash → tenant). A request reads :attr:`Holder.current`
 once and finishes on that object even if a newer snapshot is swapped in meanwhile.
+
+A snapshot arrives whole (validated whole) or as a delta on the version held: the delta's
+objects are validated together with what they touch in the snapshot they join, and the
+parts of :class:`Compiled` they do not touch are reused (the route trie when no route
+changed, the key table patched for the changed keys and tenants). Compiling runs in a
+worker thread, off the event loop: nothing here may touch the loop.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from data_plane.auth.stage import Auth
 from data_plane.router import Router
-from data_plane.upstream.client import Target
+from data_plane.upstream.pool import RoutePool, compile_pools
 from shared import snapshot as model
-from shared._generated.tenantgate.v1 import snapshot_pb2
+from shared._generated.tenantgate.v1 import cluster_pb2, snapshot_pb2
+from shared.errors import InvalidSnapshot
+
+_V = TypeVar("_V")
+
+
+class StaleBase(Exception):
+    """A delta whose ``from_version`` is not the version held: ask for a full snapshot."""
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """Ids a delta added, changed or removed, by kind."""
+
+    tenants: frozenset[str] = frozenset()
+    api_keys: frozenset[str] = frozenset()
+    routes: frozenset[str] = frozenset()
+    identity: bool = False  # issuers, OAuth clients or signing keys
+
+
+@dataclass(frozen=True, slots=True)
+class Objects:
+    """A snapshot's objects by id, in snapshot order: what a delta applies to. Never mutated:
+    a delta makes new dicts."""
+
+    version: int
+    built_at_ms: int
+    tenants: dict[str, model.Tenant]
+    api_keys: dict[str, model.ApiKey]
+    routes: dict[str, model.Route]
+    jwt_issuers: dict[str, model.JwtIssuer]
+    oauth_clients: dict[str, model.OAuthClient]
+    signing_keys: dict[str, model.SigningKey]
+    # Key ids per tenant, and the key holding each hash: to patch the key table and to keep
+    # hashes unique without scanning every key.
+    keys_by_tenant: dict[str, tuple[str, ...]] = field(repr=False)
+    key_by_hash: dict[bytes, str] = field(repr=False)
+
+    @classmethod
+    def of(cls, snap: model.Snapshot) -> Objects:
+        keys_by_tenant: dict[str, list[str]] = {}
+        for k in snap.api_keys:
+            keys_by_tenant.setdefault(k.tenant_id, []).append(k.id)
+        return cls(
+            version=snap.version,
+            built_at_ms=snap.built_at_ms,
+            tenants={t.id: t for t in snap.tenants},
+            api_keys={k.id: k for k in snap.api_keys},
+            routes={r.id: r for r in snap.routes},
+            jwt_issuers={i.id: i for i in snap.jwt_issuers},
+            oauth_clients={c.id: c for c in snap.oauth_clients},
+            signing_keys={k.kid: k for k in snap.signing_keys},
+            keys_by_tenant={tid: tuple(ids) for tid, ids in keys_by_tenant.items()},
+            key_by_hash={k.key_hash: k.id for k in snap.api_keys},
+        )
+
+    def snapshot(self) -> model.Snapshot:
+        return model.Snapshot(
+            version=self.version,
+            built_at_ms=self.built_at_ms,
+            tenants=tuple(self.tenants.values()),
+            api_keys=tuple(self.api_keys.values()),
+            routes=tuple(self.routes.values()),
+            jwt_issuers=tuple(self.jwt_issuers.values()),
+            oauth_clients=tuple(self.oauth_clients.values()),
+            signing_keys=tuple(self.signing_keys.values()),
+        )
+
+
+def decode_full(msg: snapshot_pb2.Snapshot) -> Objects:
+    """Validate a whole snapshot; raises ``InvalidSnapshot``."""
+    return Objects.of(model.from_proto(msg))
+
+
+def apply_delta(base: Objects, delta: cluster_pb2.SnapshotDelta) -> tuple[Objects, Changes]:
+    """The snapshot ``delta`` makes of ``base``, validated; raises ``StaleBase`` or
+    ``InvalidSnapshot`` and then nothing is changed."""
+    if delta.from_version != base.version:
+        raise StaleBase(f"delta from version {delta.from_version}, but version {base.version} is held")
+    ups = model.decode(delta.upserts)
+    if ups.version <= base.version:
+        raise InvalidSnapshot(f"delta to version {ups.version} does not move past {base.version}")
+
+    tenants = _patched(base.tenants, delta.removed_tenants, ((t.id, t) for t in ups.tenants))
+    api_keys = _patched(base.api_keys, delta.removed_api_keys, ((k.id, k) for k in ups.api_keys))
+    routes = _patched(base.routes, delta.removed_routes, ((r.id, r) for r in ups.routes))
+    issuers = _patched(base.jwt_issuers, delta.removed_jwt_issuers, ((i.id, i) for i in ups.jwt_issuers))
+    clients = _patched(base.oauth_clients, delta.removed_oauth_clients, ((c.id, c) for c in ups.oauth_clients))
+    signing = _patched(base.signing_keys, delta.removed_signing_keys, ((k.kid, k) for k in ups.signing_keys))
+
+    # Keys: the per-tenant index and the hash owners follow the removed and upserted keys.
+    keys_by_tenant = dict(base.keys_by_tenant)
+    key_by_hash = dict(base.key_by_hash)
+    touched_keys = set(delta.removed_api_keys) | {k.id for k in ups.api_keys}
+    for kid in touched_keys:
+        old = base.api_keys.get(kid)
+        if old is not None:
+            keys_by_tenant[old.tenant_id] = tuple(i for i in keys_by_tenant.get(old.tenant_id, ()) if i != kid)
+            if key_by_hash.get(old.key_hash) == kid:
+                del key_by_hash[old.key_hash]
+    for k in ups.api_keys:
+        keys_by_tenant[k.tenant_id] = (*keys_by_tenant.get(k.tenant_id, ()), k.id)
+        owner = key_by_hash.setdefault(k.key_hash, k.id)
+        if owner != k.id:
+            raise InvalidSnapshot(f"api key {k.id}: hash must be {model.KEY_HASH_BYTES} unique bytes")
+
+    # The upserted objects are validated as a snapshot of their own, with the tenants they name.
+    named = {k.tenant_id for k in ups.api_keys} | {i.tenant_id for i in ups.jwt_issuers}
+    named |= {c.tenant_id for c in ups.oauth_clients}
+    referenced = {tid: tenants[tid] for tid in named if tid in tenants} | {t.id: t for t in ups.tenants}
+    model.validate(
+        model.Snapshot(
+            version=ups.version,
+            built_at_ms=ups.built_at_ms,
+            tenants=tuple(referenced.values()),
+            api_keys=ups.api_keys,
+            routes=ups.routes,
+            jwt_issuers=ups.jwt_issuers,
+            oauth_clients=ups.oauth_clients,
+            signing_keys=tuple(signing.values()),
+        )
+    )
+    # What only the whole snapshot can tell: nothing left pointing at a removed tenant, and
+    # identity names unique across all issuers and clients (there are few of them).
+    for tid in delta.removed_tenants:
+        if keys_by_tenant.get(tid) or any(i.tenant_id == tid for i in issuers.values()):
+            raise InvalidSnapshot(f"tenant {tid} is removed but still has keys or issuers")
+        if any(c.tenant_id == tid for c in clients.values()):
+            raise InvalidSnapshot(f"tenant {tid} is removed but still has OAuth clients")
+        keys_by_tenant.pop(tid, None)
+    if ups.jwt_issuers or ups.oauth_clients:
+        if len({(i.tenant_id, i.issuer) for i in issuers.values()}) != len(issuers):
+            raise InvalidSnapshot("jwt issuers: issuer must be unique per tenant")
+        if len({c.client_id for c in clients.values()}) != len(clients):
+            raise InvalidSnapshot("oauth clients: client_id is duplicated")
+
+    objects = Objects(
+        version=ups.version,
+        built_at_ms=ups.built_at_ms,
+        tenants=tenants,
+        api_keys=api_keys,
+        routes=routes,
+        jwt_issuers=issuers,
+        oauth_clients=clients,
+        signing_keys=signing,
+        keys_by_tenant=keys_by_tenant,
+        key_by_hash=key_by_hash,
+    )
+    changes = Changes(
+        tenants=frozenset(delta.removed_tenants) | {t.id for t in ups.tenants},
+        api_keys=frozenset(touched_keys),
+        routes=frozenset(delta.removed_routes) | {r.id for r in ups.routes},
+        identity=bool(
+            ups.jwt_issuers
+            or ups.oauth_clients
+            or ups.signing_keys
+            or delta.removed_jwt_issuers
+            or delta.removed_oauth_clients
+            or delta.removed_signing_keys
+        ),
+    )
+    return objects, changes
+
+
+def _patched(base: dict[str, _V], removed: Iterable[str], upserts: Iterable[tuple[str, _V]]) -> dict[str, _V]:
+    """A copy of ``base`` without ``removed``, with ``upserts`` replaced in place or appended."""
+    out = dict(base)
+    for oid in removed:
+        out.pop(oid, None)
+    out.update(upserts)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
 class Compiled:
     version: int
     router: Router
-    # SHA-256 of a key → its tenant. Revoked keys are absent from the snapshot.
-    tenants_by_key_hash: dict[bytes, model.Tenant]
     tenants: dict[str, model.Tenant]
-    # Route id → its upstream, parsed once.
-    upstreams: dict[str, Target]
+    # Route id → its upstream pool (targets, balancer, breakers, retry budget); target state
+    # is shared with the previous snapshot's pools wherever the target URL is unchanged.
+    upstreams: dict[str, RoutePool]
     compile_ms: float
     # Key table, token verifier (with its cache) and token endpoint state of this snapshot.
     auth: Auth
+    # What the next delta applies to.
+    objects: Objects = field(repr=False)
 
 
 def compile_snapshot(msg: snapshot_pb2.Snapshot) -> Compiled:
     """Validate and compile a whole snapshot; raises ``InvalidSnapshot`` and then nothing is changed."""
+    return compile_objects(decode_full(msg))
+
+
+def compile_objects(objects: Objects, previous: Compiled | None = None, changes: Changes | None = None) -> Compiled:
+    """Compile ``objects``; with ``previous`` and the ``changes`` that lead from it, reuse what
+    the changes leave alone. Runs in a worker thread."""
     started = time.perf_counter()
-    snap = model.from_proto(msg)
-    tenants = {t.id: t for t in snap.tenants}
-    by_hash = {k.key_hash: tenants[k.tenant_id] for k in snap.api_keys}
-    router = Router(snap.routes)
-    # One upstream per route for now; the first is the route's target.
-    upstreams = {r.id: Target.parse(r.upstreams[0].url, r.timeout_ms) for r in snap.routes}
-    auth = Auth(snap, tenants)
-    return Compiled(snap.version, router, by_hash, tenants, upstreams, (time.perf_counter() - started) * 1000, auth)
+    tenants = objects.tenants
+    if previous is None or changes is None:
+        router = Router(objects.routes.values())
+        changed_routes: Iterable[model.Route] = objects.routes.values()
+        upstreams_base: dict[str, RoutePool] = {}
+        auth = Auth(objects.snapshot(), tenants)
+    else:
+        router = Router(objects.routes.values()) if changes.routes else previous.router
+        changed_routes = [objects.routes[rid] for rid in changes.routes if rid in objects.routes]
+        upstreams_base = {rid: t for rid, t in previous.upstreams.items() if rid not in changes.routes}
+        touches_auth = changes.tenants or changes.api_keys or changes.identity
+        auth = Auth(objects.snapshot(), tenants) if touches_auth else previous.auth
+    upstreams = upstreams_base | compile_pools(changed_routes)
+    compile_ms = (time.perf_counter() - started) * 1000
+    return Compiled(objects.version, router, tenants, upstreams, compile_ms, auth, objects)
 
 
 class Holder:

@@ -36,6 +36,8 @@ DEFAULT_DATA_DIR: Final = "./.tenantgate"
 DEFAULT_LOG_LEVEL: Final = "info"
 DEFAULT_LOG_FORMAT: Final = "json"
 DEFAULT_RATELIMIT_FAILURE_MODE: Final = "open"
+DEFAULT_RATELIMIT_TIMEOUT_MS: Final = "25"
+DEFAULT_RATELIMIT_MINUTE_S: Final = "60"
 MIN_TOKEN_LENGTH: Final = 16
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
@@ -96,9 +98,21 @@ class Settings:
     log_level: str
     log_format: str
     ratelimit_failure_mode: str
+    ratelimit_timeout_ms: int
+    ratelimit_minute_s: int
     node_id: str
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     workers: int
+    usage_flush_interval_s: float = 5.0
+    usage_spool_max_bytes: int = 64 * 1024 * 1024
+    metrics_tenant_labels: bool = False
+    access_log: bool = True
+    access_log_sample: float = 1.0
+    # TLS on the cluster port: the control plane's certificate and key (PEM), and the CA a
+    # data plane verifies it with (a data plane with a CA never speaks plaintext).
+    cluster_tls_cert: Path | None = None
+    cluster_tls_key: Path | None = None
+    cluster_tls_ca: Path | None = None
     # Names of the settings given explicitly (flag or environment) rather than defaulted.
     explicit: frozenset[str] = frozenset()
 
@@ -184,6 +198,94 @@ def _parse_workers(raw: str) -> int:
     return value
 
 
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected {low}-{high}, got {value}")
+        return value
+
+    return parse
+
+
+def _parse_seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {raw!r}") from None
+    if not 0.05 <= value <= 3600:
+        raise ValueError(f"expected 0.05-3600 seconds, got {raw!r}")
+    return value
+
+
+def _parse_bytes(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"expected a number of bytes, got {raw!r}") from None
+    if not 1024 <= value <= 2**40:
+        raise ValueError(f"expected 1024 bytes to 1 TiB, got {value}")
+    return value
+
+
+def _parse_fraction(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"expected a number from 0 to 1, got {raw!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"expected a number from 0 to 1, got {raw!r}")
+    return value
+
+
+def _pem_file(kind: str) -> Callable[[str], Path]:
+    """A readable PEM file holding a certificate (chain) or a private key."""
+
+    def parse(raw: str) -> Path:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        path = Path(raw)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read {raw!r}: {exc.strerror}") from None
+        try:
+            if kind == "key":
+                serialization.load_pem_private_key(data, password=None)
+            else:
+                x509.load_pem_x509_certificates(data)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(
+                f"{raw!r} is not a PEM {'private key' if kind == 'key' else 'certificate'}: {exc}"
+            ) from None
+        return path
+
+    return parse
+
+
+def _check_cluster_tls(values: Mapping[str, Any]) -> None:
+    """The certificate and key come together, and belong together."""
+    cert, key = values["cluster_tls_cert"], values["cluster_tls_key"]
+    if (cert is None) != (key is None):
+        missing = "CLUSTER_TLS_KEY" if key is None else "CLUSTER_TLS_CERT"
+        raise SettingsError(missing, "is required when the other of CLUSTER_TLS_CERT/CLUSTER_TLS_KEY is set")
+    if cert is not None and key is not None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        public = x509.load_pem_x509_certificates(cert.read_bytes())[0].public_key()
+        private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+        if private.public_key().public_bytes(serialization.Encoding.DER, spki) != public.public_bytes(
+            serialization.Encoding.DER, spki
+        ):
+            raise SettingsError("CLUSTER_TLS_KEY", "is not the private key of the certificate in CLUSTER_TLS_CERT")
+
+
 def _parse_node_id(raw: str) -> str:
     if not raw or len(raw) > 128 or not all(c.isalnum() or c in "-_.:" for c in raw):
         raise ValueError("expected 1-128 characters of letters, digits, '-', '_', '.', ':'")
@@ -214,9 +316,35 @@ _SPECS: Final[dict[str, tuple[Callable[[str], Any], str | None, str]]] = {
         DEFAULT_RATELIMIT_FAILURE_MODE,
         "what the data plane does when Redis is unreachable",
     ),
+    "RATELIMIT_TIMEOUT_MS": (
+        _int_range(1, 10_000),
+        DEFAULT_RATELIMIT_TIMEOUT_MS,
+        "longest wait for Redis on one rate-limit decision before falling back",
+    ),
+    "RATELIMIT_MINUTE_S": (
+        _int_range(1, 60),
+        DEFAULT_RATELIMIT_MINUTE_S,
+        "length of a rate-limit minute in seconds (hour = 60 of them); below 60 only for tests",
+    ),
     "NODE_ID": (_parse_node_id, None, "this node's id (default: hostname-pid)"),
     "TRUSTED_PROXIES": (_parse_networks, "", "CIDRs whose X-Forwarded-* headers are trusted"),
     "WORKERS": (_parse_workers, None, "worker processes (default: CPU count)"),
+    "USAGE_FLUSH_INTERVAL_S": (_parse_seconds, "5", "seconds between a data plane's usage reports"),
+    "USAGE_SPOOL_MAX_BYTES": (
+        _parse_bytes,
+        str(64 * 1024 * 1024),
+        "bound of a data plane node's on-disk spool of unsent usage batches",
+    ),
+    "METRICS_TENANT_LABELS": (_parse_bool, "0", "1 to label data plane request metrics with tenant ids"),
+    "ACCESS_LOG": (_parse_bool, "on", "on/off: one JSON line per request on the data plane's stdout"),
+    "ACCESS_LOG_SAMPLE": (_parse_fraction, "1", "fraction of requests (0-1) written to the access log"),
+    "CLUSTER_TLS_CERT": (_pem_file("cert"), None, "control plane: PEM certificate (chain) for TLS on the cluster port"),
+    "CLUSTER_TLS_KEY": (_pem_file("key"), None, "control plane: PEM private key of CLUSTER_TLS_CERT"),
+    "CLUSTER_TLS_CA": (
+        _pem_file("cert"),
+        None,
+        "data plane: PEM CA that signs the control plane's cluster certificate",
+    ),
 }
 
 
@@ -263,6 +391,7 @@ def load(
         values["node_id"] = _default_node_id()
     if values["workers"] is None:
         values["workers"] = max(1, os.cpu_count() or 1)
+    _check_cluster_tls(values)
     return Settings(**values, explicit=frozenset(explicit))
 
 

@@ -320,7 +320,15 @@ def _route_from_proto(r: pb.Route) -> Route:
 
 def from_proto(msg: pb.Snapshot) -> Snapshot:
     """Decode and validate a whole snapshot; raises :class:`InvalidSnapshot`."""
-    snap = Snapshot(
+    snap = decode(msg)
+    validate(snap)
+    return snap
+
+
+def decode(msg: pb.Snapshot) -> Snapshot:
+    """Decode without validating: for the objects of a delta, which are validated with the
+    snapshot they join (see data_plane/snapshot.py)."""
+    return Snapshot(
         version=msg.version,
         built_at_ms=msg.built_at_ms,
         jwt_issuers=tuple(
@@ -367,8 +375,6 @@ def from_proto(msg: pb.Snapshot) -> Snapshot:
         api_keys=tuple(ApiKey(id=k.id, tenant_id=k.tenant_id, key_hash=bytes(k.key_hash)) for k in msg.api_keys),
         routes=tuple(_route_from_proto(r) for r in msg.routes),
     )
-    validate(snap)
-    return snap
 
 
 def validate_upstream_url(url: str) -> None:

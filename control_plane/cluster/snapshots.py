@@ -1,7 +1,19 @@
 """The snapshot cache: the latest config, built once per version and shared by every Watch stream.
 
-One builder task rebuilds from Postgres whenever it is poked (a local write committed, a
-NOTIFY from another replica arrived, or the periodic safety-net check found a newer version).
+One builder task refreshes from Postgres whenever it is poked (a local write committed, a
+NOTIFY from another replica arrived, or the periodic safety-net check). A refresh reads only
+the objects the change log (``config_changes``) names since the version it has, so a change
+costs the same with ten routes or ten thousand; the first build, and a replica that fell
+behind the pruned log, read everything.
+
+What streams send is encoded once per version and shared:
+
+- a **delta** from the previous version (the changed objects and the removed ids), which is
+  what a node that is up to date receives after each change;
+- the **full** snapshot, for a node that connects without a recent version: assembled on
+  first use by concatenating each object's encoded bytes, kept per object across versions,
+  so only changed objects are ever encoded again.
+
 Pokes that arrive while a build runs coalesce into one more build. Watchers wait on
 :meth:`SnapshotCache.wait_newer`.
 """
@@ -12,44 +24,261 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
-from typing import Final
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final, TypeVar
 
+from control_plane.cluster import metrics
 from control_plane.errors import StoreUnavailable
 from control_plane.store import config as config_store
 from control_plane.store.db import Database, Listener
 from shared import snapshot as model
 from shared._generated.tenantgate.v1 import cluster_pb2
+from shared._generated.tenantgate.v1 import snapshot_pb2 as pb
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # The safety net behind NOTIFY: how often the builder checks the version on its own.
 POLL_INTERVAL_S: Final = 5.0
 RETRY_INTERVAL_S: Final = 1.0
+# Deltas kept for nodes that are a few versions behind; older nodes get a full snapshot.
+MAX_DELTAS: Final = 256
+MAX_DELTA_BYTES: Final = 32 * 1024 * 1024
+# The change log is pruned of rows older than this, checked this often.
+CHANGE_LOG_RETENTION_S: Final = 3600.0
+PRUNE_INTERVAL_S: Final = 300.0
+
+# Snapshot fields holding objects, in the order a full snapshot carries them.
+KINDS: Final = ("tenants", "api_keys", "routes", "jwt_issuers", "oauth_clients", "signing_keys")
+_FIELD_NUMBERS: Final = {kind: pb.Snapshot.DESCRIPTOR.fields_by_name[kind].number for kind in KINDS}
+_VERSION_TAG: Final = bytes([pb.Snapshot.DESCRIPTOR.fields_by_name["version"].number << 3])
+_BUILT_AT_TAG: Final = bytes([pb.Snapshot.DESCRIPTOR.fields_by_name["built_at_ms"].number << 3])
+_UPDATE_SNAPSHOT_FIELD: Final = cluster_pb2.ConfigUpdate.DESCRIPTOR.fields_by_name["snapshot"].number
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _length_prefix(field_number: int, length: int) -> bytes:
+    """The tag and length of a length-delimited field (wire type 2)."""
+    return _varint(field_number << 3 | 2) + _varint(length)
 
 
 @dataclass(frozen=True, slots=True)
-class BuiltSnapshot:
+class Catalog:
+    """The config at one version: each object's encoded snapshot entry (tag, length and
+    message bytes, ready to concatenate), by kind and id. Routes are in snapshot order
+    (their ``seq``), which decides ties between equally specific routes."""
+
     version: int
-    update: cluster_pb2.ConfigUpdate
+    built_at_ms: int
+    entries: dict[str, dict[str, bytes]]
+    route_seq: dict[str, int]
+
+    def counts(self) -> dict[str, int]:
+        return {kind: len(self.entries[kind]) for kind in KINDS}
+
+    def full_update(self) -> bytes:
+        """The serialised ``ConfigUpdate{snapshot}`` for this version, by concatenation."""
+        parts: list[bytes] = [
+            _VERSION_TAG,
+            _varint(self.version),
+            _BUILT_AT_TAG,
+            _varint(self.built_at_ms),
+        ]
+        for kind in KINDS:
+            parts.extend(self.entries[kind].values())
+        size = sum(len(p) for p in parts)
+        return b"".join([_length_prefix(_UPDATE_SNAPSHOT_FIELD, size), *parts])
+
+
+@dataclass(slots=True)
+class Published:
+    """One version as streams send it."""
+
+    catalog: Catalog
+    # The previous version and the serialised ``ConfigUpdate{delta}`` from it; None when this
+    # version cannot be expressed as a delta (the first build, or routes reordered).
+    from_version: int
+    delta: bytes | None
     build_ms: float
+    _full: bytes | None = field(default=None, repr=False)
+
+    @property
+    def version(self) -> int:
+        return self.catalog.version
+
+    def full(self) -> bytes:
+        if self._full is None:
+            self._full = self.catalog.full_update()
+        return self._full
+
+
+def _encode(
+    rows: config_store.ConfigRows, version: int, built_at_ms: int
+) -> tuple[pb.Snapshot, dict[str, dict[str, bytes]]]:
+    """The live objects of ``rows`` as a (partial) snapshot message and as encoded entries by id."""
+    routes = [v for v in rows.routes.values() if v is not None]
+    routes.sort(key=lambda item: item[0])
+    partial = model.to_proto(
+        model.Snapshot(
+            version=version,
+            built_at_ms=built_at_ms,
+            tenants=_live(rows.tenants.values()),
+            api_keys=_live(rows.api_keys.values()),
+            routes=tuple(r for _, r in routes),
+            jwt_issuers=_live(rows.jwt_issuers.values()),
+            oauth_clients=_live(rows.oauth_clients.values()),
+            signing_keys=_live(rows.signing_keys.values()),
+        )
+    )
+    entries: dict[str, dict[str, bytes]] = {}
+    for kind in KINDS:
+        number = _FIELD_NUMBERS[kind]
+        by_id: dict[str, bytes] = {}
+        for msg in getattr(partial, kind):
+            payload = msg.SerializeToString()
+            by_id[msg.kid if kind == "signing_keys" else msg.id] = _length_prefix(number, len(payload)) + payload
+        entries[kind] = by_id
+    return partial, entries
+
+
+def _live(values: Iterable[_T | None]) -> tuple[_T, ...]:
+    return tuple(v for v in values if v is not None)
+
+
+def _rows_by_kind(rows: config_store.ConfigRows) -> dict[str, dict[str, object]]:
+    return {
+        "tenants": dict(rows.tenants),
+        "api_keys": dict(rows.api_keys),
+        "routes": dict(rows.routes),
+        "jwt_issuers": dict(rows.jwt_issuers),
+        "oauth_clients": dict(rows.oauth_clients),
+        "signing_keys": dict(rows.signing_keys),
+    }
+
+
+def build(previous: Catalog | None, rows: config_store.ConfigRows) -> Published:
+    """The next version from the last one and what changed (or everything). CPU-bound for a
+    full read of a large config: the cache runs it in a thread."""
+    started = time.perf_counter()
+    built_at_ms = model.now_ms()
+    partial, fresh = _encode(rows, rows.version, built_at_ms)
+    route_seq = {rid: v[0] for rid, v in rows.routes.items() if v is not None}
+    if previous is None:
+        catalog = Catalog(rows.version, built_at_ms, fresh, route_seq)
+        return Published(catalog, 0, None, (time.perf_counter() - started) * 1000)
+
+    by_kind = _rows_by_kind(rows)
+    entries: dict[str, dict[str, bytes]] = {}
+    removed: dict[str, list[str]] = {}
+    changed: dict[str, set[str]] = {}
+    for kind in KINDS:
+        old = previous.entries[kind]
+        new_entries = fresh[kind]
+        if rows.full:
+            gone = [oid for oid in old if oid not in new_entries]
+            merged = new_entries
+        else:
+            gone = [oid for oid, value in by_kind[kind].items() if value is None and oid in old]
+            merged = dict(old)
+            for oid in gone:
+                del merged[oid]
+            merged.update(new_entries)
+        removed[kind] = gone
+        changed[kind] = {oid for oid, entry in new_entries.items() if old.get(oid) != entry}
+        entries[kind] = merged
+
+    # Routes: order is meaning. A node applying the delta keeps each surviving route where it
+    # was and appends new ones; that is the snapshot's order unless a route came back with an
+    # older seq (reactivated) or the full read found them reordered.
+    seqs = dict(previous.route_seq)
+    for oid in removed["routes"]:
+        seqs.pop(oid, None)
+    survivors_max = max(seqs.values(), default=0)
+    added = [oid for oid in entries["routes"] if oid not in previous.entries["routes"]]
+    seqs.update(route_seq)
+    in_order = all(route_seq[oid] > survivors_max for oid in added)
+    if not rows.full:
+        # Surviving routes stay in place, new ones follow in seq order.
+        kept = [oid for oid in previous.entries["routes"] if oid in entries["routes"]]
+        order = kept + sorted(added, key=lambda oid: route_seq[oid])
+        if not in_order:
+            order.sort(key=lambda oid: seqs[oid])
+        entries["routes"] = {oid: entries["routes"][oid] for oid in order}
+    else:
+        kept = [oid for oid in previous.entries["routes"] if oid in entries["routes"]]
+        in_order = in_order and kept == [oid for oid in entries["routes"] if oid in previous.entries["routes"]]
+
+    catalog = Catalog(rows.version, built_at_ms, entries, seqs)
+    delta: bytes | None = None
+    if in_order:
+        delta = _delta(previous.version, partial, changed, removed, [oid for oid in added])
+    return Published(catalog, previous.version, delta, (time.perf_counter() - started) * 1000)
+
+
+def _delta(
+    from_version: int,
+    partial: pb.Snapshot,
+    changed: dict[str, set[str]],
+    removed: dict[str, list[str]],
+    added_routes: list[str],
+) -> bytes:
+    """Serialise the delta: only objects whose encoding changed; new routes last, in order."""
+    upserts = pb.Snapshot(version=partial.version, built_at_ms=partial.built_at_ms)
+    for kind in KINDS:
+        wanted = changed[kind]
+        if not wanted:
+            continue
+        key = "kid" if kind == "signing_keys" else "id"
+        source = [m for m in getattr(partial, kind) if getattr(m, key) in wanted]
+        if kind == "routes":
+            rank = {oid: i for i, oid in enumerate(added_routes)}
+            source.sort(key=lambda m: rank.get(m.id, -1))
+        getattr(upserts, kind).extend(source)
+    delta = cluster_pb2.SnapshotDelta(
+        from_version=from_version,
+        upserts=upserts,
+        removed_tenants=removed["tenants"],
+        removed_api_keys=removed["api_keys"],
+        removed_routes=removed["routes"],
+        removed_jwt_issuers=removed["jwt_issuers"],
+        removed_oauth_clients=removed["oauth_clients"],
+        removed_signing_keys=removed["signing_keys"],
+    )
+    payload: bytes = cluster_pb2.ConfigUpdate(delta=delta).SerializeToString()
+    return payload
 
 
 class SnapshotCache:
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._current: BuiltSnapshot | None = None
+        self._current: Published | None = None
+        # Recent versions that carry a delta, oldest first, ending with the current one.
+        self._history: deque[Published] = deque()
         self._changed = asyncio.Condition()
         self._poke = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._listener: Listener | None = None
+        self._last_prune = 0.0
 
     @property
-    def current(self) -> BuiltSnapshot | None:
+    def current(self) -> Published | None:
         return self._current
 
     def poke(self) -> None:
-        """Ask for a rebuild (cheap, never blocks)."""
+        """Ask for a refresh (cheap, never blocks)."""
         self._poke.set()
 
     async def start(self) -> None:
@@ -62,12 +291,29 @@ class SnapshotCache:
             await asyncio.gather(self._task, return_exceptions=True)
         await self._close_listener()
 
-    async def wait_newer(self, version: int) -> BuiltSnapshot:
+    async def wait_newer(self, version: int) -> Published:
         """Return the current snapshot as soon as its version is greater than ``version``."""
         async with self._changed:
             await self._changed.wait_for(lambda: self._current is not None and self._current.version > version)
             assert self._current is not None
             return self._current
+
+    def updates_for(self, have: int) -> tuple[int, list[bytes], bool]:
+        """What brings a node holding version ``have`` to the current version: (the version
+        it will hold, the serialised updates in order, whether they are one full snapshot)."""
+        current = self._current
+        assert current is not None
+        if have == current.version:
+            return have, [], False
+        chain: list[bytes] = []
+        expected = have
+        for published in self._history:
+            if published.from_version == expected and published.delta is not None:
+                chain.append(published.delta)
+                expected = published.version
+        if have > 0 and expected == current.version:
+            return current.version, chain, False
+        return current.version, [current.full()], True
 
     async def _run(self) -> None:
         while True:
@@ -78,36 +324,59 @@ class SnapshotCache:
             self._poke.clear()
             try:
                 await self._rebuild()
+                await self._prune()
             except StoreUnavailable as exc:
-                log.warning("snapshot rebuild failed; serving the last one", extra={"error": str(exc)})
+                log.warning("snapshot refresh failed; serving the last one", extra={"error": str(exc)})
                 await asyncio.sleep(RETRY_INTERVAL_S)
                 self._poke.set()
 
     async def _rebuild(self) -> None:
-        have = self._current.version if self._current is not None else 0
-        if await config_store.current_version(self._db) <= have:
+        previous = self._current
+        have = previous.version if previous is not None else 0
+        rows = None if previous is None else await config_store.load_changes(self._db, have)
+        if rows is None:
+            rows = await config_store.load_rows(self._db)
+        if rows.version <= have:
             return
-        started = time.perf_counter()
-        snap = await config_store.load_snapshot(self._db)
-        if snap.version <= have:
-            return
-        update = cluster_pb2.ConfigUpdate(snapshot=model.to_proto(snap))
-        built = BuiltSnapshot(snap.version, update, (time.perf_counter() - started) * 1000)
-        async with self._changed:
-            self._current = built
-            self._changed.notify_all()
+        with metrics.SNAPSHOT_BUILD_SECONDS.time():
+            if rows.full:
+                # A full read of a large config is seconds of encoding: keep the loop free.
+                published = await asyncio.to_thread(build, None if previous is None else previous.catalog, rows)
+            else:
+                published = build(None if previous is None else previous.catalog, rows)
+        await self._publish(published)
         log.info(
             "snapshot built",
             extra={
-                "config_version": snap.version,
-                "build_ms": round(built.build_ms, 2),
-                "routes": len(snap.routes),
-                "tenants": len(snap.tenants),
+                "config_version": published.version,
+                "build_ms": round(published.build_ms, 2),
+                "changed": rows.changed if not rows.full else "all",
+                "delta": published.delta is not None,
+                **published.catalog.counts(),
             },
         )
 
+    async def _publish(self, published: Published) -> None:
+        if published.delta is None:
+            self._history.clear()
+        self._history.append(published)
+        total = sum(len(p.delta or b"") for p in self._history)
+        while len(self._history) > MAX_DELTAS or (total > MAX_DELTA_BYTES and len(self._history) > 1):
+            total -= len(self._history.popleft().delta or b"")
+        metrics.CONFIG_VERSION.set(published.version)
+        async with self._changed:
+            self._current = published
+            self._changed.notify_all()
+
+    async def _prune(self) -> None:
+        now = time.monotonic()
+        if now - self._last_prune < PRUNE_INTERVAL_S:
+            return
+        self._last_prune = now
+        await config_store.prune_changes(self._db, CHANGE_LOG_RETENTION_S)
+
     async def _listen(self) -> None:
-        """(Re)open the LISTEN connection; after a reconnect, rebuild in case a NOTIFY was missed."""
+        """(Re)open the LISTEN connection; after a reconnect, refresh in case a NOTIFY was missed."""
         await self._close_listener()
         try:
             self._listener = await self._db.listen(config_store.NOTIFY_CHANNEL, lambda _payload: self.poke())

@@ -1,22 +1,35 @@
 """The ``Watch`` stream: pushes snapshots to data planes and records their ACK/NACK.
 
-Per stream: the node's Hello tells the version it has; the server sends the current snapshot
-when the node is behind, then every newer one. A NACKed version is never resent; the next
-newer version is. Per-node state lives in :class:`NodeRegistry` for status reporting.
+Per stream: the node's Hello tells the version it has. The server sends what brings it to
+the current version (the recent deltas when they reach back to it, else one full snapshot),
+then every newer version as a delta. A NACKed version is never resent; the next newer
+version is, as a full snapshot (the node's base is then the version before the NACKed one).
+A node that finds a delta on the wrong base asks for a resync and gets the full snapshot.
+
+Per-node state lives in :class:`NodeRegistry`, which writes it to Postgres (on Hello, ACK,
+NACK, disconnect, and a heartbeat) so that every replica can answer ``GET /admin/nodes``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import grpc
 from grpc import aio
 
+from control_plane.cluster import metrics
 from control_plane.cluster.snapshots import SnapshotCache
+from control_plane.cluster.usage import UsageIngest
+from control_plane.errors import StoreUnavailable
+from control_plane.store import nodes as node_store
+from control_plane.store.db import Database
 from shared import keys
 from shared._generated.tenantgate.v1 import cluster_pb2, cluster_pb2_grpc
 from shared.settings import Secret
@@ -25,17 +38,26 @@ log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S: Final = 10.0
 MAX_MESSAGE_BYTES: Final = 256 * 1024 * 1024
-# Server-side keepalive; data planes ping no more often than every 20 s (see data_plane/cluster.py),
-# which MIN_PING_INTERVAL permits, so neither side closes the other for "too many pings".
+# Keepalive, aligned with data_plane/cluster.py: both sides ping every 10 s of silence, and
+# each permits the other's pings down to 5 s apart (gRPC closes a connection that pings more
+# often than the peer permits: "too_many_pings").
+KEEPALIVE_TIME_MS: Final = 10_000
+KEEPALIVE_TIMEOUT_MS: Final = 5_000
+MIN_RECV_PING_INTERVAL_MS: Final = 5_000
 SERVER_OPTIONS: Final = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", MIN_RECV_PING_INTERVAL_MS),
     ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.max_ping_strikes", 2),
 ]
+# How often each replica rewrites its connected nodes' last_seen, and forgets long-gone nodes.
+HEARTBEAT_S: Final = 5.0
+PRUNE_AFTER_S: Final = 24 * 3600.0
+PRUNE_INTERVAL_S: Final = 600.0
 
 
 @dataclass(slots=True)
@@ -43,6 +65,7 @@ class NodeState:
     node_id: str
     address: str
     software_version: str
+    session: str = field(default_factory=lambda: str(uuid.uuid4()))
     connected: bool = True
     sent_version: int = 0
     acked_version: int = 0
@@ -50,27 +73,124 @@ class NodeState:
     last_error: str = ""
     last_seen: float = field(default_factory=time.time)
 
+    def as_write(self) -> node_store.NodeWrite:
+        return node_store.NodeWrite(
+            node_id=self.node_id,
+            address=self.address,
+            software_version=self.software_version,
+            session=self.session,
+            connected=self.connected,
+            config_version=self.acked_version,
+            nacked_version=self.nacked_version,
+            last_error=self.last_error,
+        )
+
 
 class NodeRegistry:
-    """What this replica knows of the nodes connected to it."""
+    """What this replica knows of the nodes connected to it, written to Postgres in the
+    background (a slow or absent Postgres never holds up a stream)."""
 
-    def __init__(self) -> None:
+    def __init__(self, db: Database | None = None, replica: str = "") -> None:
         self.nodes: dict[str, NodeState] = {}
+        self._db = db
+        self._replica = replica
+        self._dirty: dict[str, NodeState] = {}
+        self._ended: list[NodeState] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._last_prune = 0.0
 
     def connect(self, hello: cluster_pb2.Hello, address: str) -> NodeState:
         node = NodeState(hello.node_id, address, hello.software_version, acked_version=hello.last_version)
         self.nodes[hello.node_id] = node
+        metrics.CONNECTED_NODES.set(len(self.nodes))
+        self.changed(node)
         return node
+
+    def changed(self, node: NodeState) -> None:
+        node.last_seen = time.time()
+        self._dirty[node.node_id] = node
+        self._wake.set()
+
+    def disconnect(self, node: NodeState) -> None:
+        node.connected = False
+        node.last_seen = time.time()
+        if self.nodes.get(node.node_id) is node:
+            del self.nodes[node.node_id]
+        metrics.CONNECTED_NODES.set(len(self.nodes))
+        self._ended.append(node)
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._db is not None:
+            self._task = asyncio.create_task(self._run(), name="node-registry")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        # Tell the other replicas at once that these nodes are gone from here.
+        for node in list(self.nodes.values()):
+            self.disconnect(node)
+        await self._flush(heartbeat=False)
+
+    async def _run(self) -> None:
+        next_heartbeat = time.monotonic() + HEARTBEAT_S
+        while True:
+            timeout = max(0.0, next_heartbeat - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+            heartbeat = time.monotonic() >= next_heartbeat
+            if heartbeat:
+                next_heartbeat = time.monotonic() + HEARTBEAT_S
+            await self._flush(heartbeat)
+
+    async def _flush(self, heartbeat: bool) -> None:
+        if self._db is None:
+            return
+        live = list(self.nodes.values()) if heartbeat else [n for n in self._dirty.values() if n.connected]
+        ended, self._ended = self._ended, []
+        dirty, self._dirty = self._dirty, {}
+        try:
+            await node_store.upsert(self._db, self._replica, [n.as_write() for n in live])
+            for node in ended:
+                await node_store.disconnected(self._db, self._replica, node.as_write())
+            if heartbeat and time.monotonic() - self._last_prune > PRUNE_INTERVAL_S:
+                self._last_prune = time.monotonic()
+                await node_store.prune(self._db, PRUNE_AFTER_S)
+        except StoreUnavailable as exc:
+            log.warning("cannot record data-plane nodes; retrying", extra={"error": str(exc)})
+            self._ended = ended + self._ended
+            self._dirty = dirty | self._dirty
+            await asyncio.sleep(1.0)
+            self._wake.set()
 
 
 class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
-    def __init__(self, cache: SnapshotCache, cluster_token: Secret, registry: NodeRegistry) -> None:
+    def __init__(
+        self, cache: SnapshotCache, cluster_token: Secret, registry: NodeRegistry, usage: UsageIngest | None = None
+    ) -> None:
         self._cache = cache
         self._token = cluster_token.reveal()
         self._registry = registry
+        self._usage = usage
+
+    async def ReportUsage(
+        self, request_iterator: AsyncIterator[cluster_pb2.UsageBatch], context: aio.ServicerContext
+    ) -> cluster_pb2.UsageAck:
+        """Usage batches, stored exactly once each (control_plane/cluster/usage.py)."""
+        if not self._authorised(context):
+            log.warning("refused usage from a wrong cluster token", extra={"peer": context.peer()})
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid cluster token")
+        if self._usage is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this control plane does not take usage")
+        assert self._usage is not None  # abort() raised otherwise
+        return await self._usage.report(request_iterator, context)
 
     async def Watch(self, request_iterator: object, context: aio.ServicerContext) -> None:
         if not self._authorised(context):
+            metrics.REFUSED_STREAMS.inc()
             log.warning("refused a data plane with a wrong cluster token", extra={"peer": context.peer()})
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid cluster token")
         try:
@@ -86,14 +206,14 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
             "data plane connected",
             extra={"node_id": node.node_id, "peer": node.address, "last_version": node.acked_version},
         )
-        reader = asyncio.create_task(self._read_acks(context, node))
+        stream = _Stream(node)
+        reader = asyncio.create_task(self._read_acks(context, stream))
         try:
-            await self._send_updates(context, node, reader)
+            await self._send_updates(context, stream, reader)
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-            node.connected = False
-            node.last_seen = time.time()
+            self._registry.disconnect(node)
             log.info("data plane disconnected", extra={"node_id": node.node_id})
 
     def _authorised(self, context: aio.ServicerContext) -> bool:
@@ -102,36 +222,55 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
                 return keys.secrets_equal(value[len("Bearer ") :], self._token)
         return False
 
-    async def _send_updates(self, context: aio.ServicerContext, node: NodeState, reader: asyncio.Task[None]) -> None:
-        have = node.acked_version
+    async def _send_updates(self, context: aio.ServicerContext, stream: _Stream, reader: asyncio.Task[None]) -> None:
+        node = stream.node
         while not reader.done():
-            waiter = asyncio.ensure_future(self._cache.wait_newer(have))
-            done, _ = await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if waiter not in done:
-                waiter.cancel()
-                await asyncio.gather(waiter, return_exceptions=True)
-                return
-            built = waiter.result()
-            have = built.version
-            if built.version == node.nacked_version:
+            current = self._cache.current
+            if current is not None and current.version > stream.base and current.version != node.nacked_version:
+                if stream.full_needed:
+                    version, payloads, full = current.version, [current.full()], True
+                else:
+                    version, payloads, full = self._cache.updates_for(stream.base)
+                stream.base, stream.full_needed = version, False
+                for payload in payloads:
+                    await context.write(payload)
+                node.sent_version = version
+                metrics.UPDATES_SENT.labels("full" if full else "delta").inc(len(payloads))
                 continue
-            await context.write(built.update)
-            node.sent_version = built.version
+            seen = current.version if current is not None else 0
+            newer = asyncio.ensure_future(self._cache.wait_newer(seen))
+            woken = asyncio.ensure_future(stream.wake.wait())
+            await asyncio.wait({newer, woken, reader}, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in (newer, woken):
+                waiter.cancel()
+            await asyncio.gather(newer, woken, return_exceptions=True)
+            stream.wake.clear()
 
-    async def _read_acks(self, context: aio.ServicerContext, node: NodeState) -> None:
+    async def _read_acks(self, context: aio.ServicerContext, stream: _Stream) -> None:
+        node = stream.node
         while True:
             msg = await context.read()
             if msg is aio.EOF:
                 return
-            node.last_seen = time.time()
             kind = msg.WhichOneof("kind")
             if kind == "ack":
                 node.acked_version = msg.ack.version
                 node.last_error = ""
                 log.debug("snapshot acked", extra={"node_id": node.node_id, "config_version": msg.ack.version})
+            elif kind == "nack" and msg.nack.resync:
+                # Nothing wrong with the content: the node missed a version. Send it everything.
+                stream.base, stream.full_needed = node.acked_version, True
+                stream.wake.set()
+                log.info(
+                    "data plane asked for a full snapshot",
+                    extra={"node_id": node.node_id, "config_version": node.acked_version},
+                )
             elif kind == "nack":
                 node.nacked_version = msg.nack.version
-                node.last_error = msg.nack.error[:1000]
+                node.last_error = msg.nack.error[: node_store.MAX_ERROR_LENGTH]
+                stream.base, stream.full_needed = node.acked_version, True
+                stream.wake.set()
+                metrics.NACKS.inc()
                 log.warning(
                     "snapshot nacked",
                     extra={
@@ -140,9 +279,59 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
                         "error": node.last_error,
                     },
                 )
+            self._registry.changed(node)
 
 
-def create_server(service: ClusterService) -> aio.Server:
+@dataclass(slots=True)
+class _Stream:
+    """One Watch stream's view of its node: the version the node holds once it applies what
+    was sent (``base``), and whether the next update must be a full snapshot."""
+
+    node: NodeState
+    base: int = 0
+    full_needed: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.base = self.node.acked_version
+
+
+def _raw(payload: bytes) -> bytes:
+    return payload
+
+
+def create_server(service: ClusterService, credentials: grpc.ServerCredentials | None, listen: str) -> aio.Server:
+    """The cluster gRPC server on ``listen`` (TLS when ``credentials`` are given).
+
+    Watch writes updates already serialised (one encoding per version, shared by every
+    stream), so its handler is registered with a pass-through serialiser; every other method
+    keeps its generated handler."""
     server = aio.server(options=SERVER_OPTIONS)
-    cluster_pb2_grpc.add_ClusterServicer_to_server(service, server)
+    capture = _HandlerCapture()
+    cluster_pb2_grpc.add_ClusterServicer_to_server(service, capture)
+    handlers = dict(capture.handlers)
+    handlers["Watch"] = handlers["Watch"]._replace(response_serializer=_raw)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))
+    server.add_registered_method_handlers(capture.service, handlers)
+    try:
+        if credentials is None:
+            server.add_insecure_port(listen)
+        else:
+            server.add_secure_port(listen, credentials)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {listen} (TENANTGATE_CLUSTER_LISTEN)") from exc
     return server
+
+
+class _HandlerCapture:
+    """Stands in for a server to collect the generated method handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, _handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.service, self.handlers = service, handlers

@@ -38,40 +38,178 @@ async def current_version(db: Database) -> int:
         return version
 
 
+# Past this many changed objects, one full read is cheaper than fetching them by id.
+MAX_CHANGED_OBJECTS: Final = 20_000
+KINDS: Final = ("tenant", "api_key", "route", "jwt_issuer", "oauth_client", "signing_key")
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigRows:
+    """Snapshot objects read at one version, by id.
+
+    ``full``: every live object (a whole snapshot). Otherwise only the objects changed since
+    the version asked for, with ``None`` for those gone from the snapshot (deleted, revoked,
+    retired or deactivated). Routes come with their ``seq``: their order in the snapshot."""
+
+    version: int
+    full: bool
+    tenants: dict[str, model.Tenant | None]
+    api_keys: dict[str, model.ApiKey | None]
+    routes: dict[str, tuple[int, model.Route] | None]
+    jwt_issuers: dict[str, model.JwtIssuer | None]
+    oauth_clients: dict[str, model.OAuthClient | None]
+    signing_keys: dict[str, model.SigningKey | None]
+
+    @property
+    def changed(self) -> int:
+        return sum(
+            len(d)
+            for d in (
+                self.tenants,
+                self.api_keys,
+                self.routes,
+                self.jwt_issuers,
+                self.oauth_clients,
+                self.signing_keys,
+            )
+        )
+
+
 async def load_snapshot(db: Database) -> model.Snapshot:
     """Read everything a data plane needs in one repeatable-read transaction, so the version
     and the content agree."""
+    rows = await load_rows(db)
+    return model.Snapshot(
+        version=rows.version,
+        built_at_ms=model.now_ms(),
+        tenants=tuple(t for t in rows.tenants.values() if t is not None),
+        api_keys=tuple(k for k in rows.api_keys.values() if k is not None),
+        routes=tuple(r[1] for r in rows.routes.values() if r is not None),
+        jwt_issuers=tuple(i for i in rows.jwt_issuers.values() if i is not None),
+        oauth_clients=tuple(c for c in rows.oauth_clients.values() if c is not None),
+        signing_keys=tuple(k for k in rows.signing_keys.values() if k is not None),
+    )
+
+
+async def load_rows(db: Database) -> ConfigRows:
+    """Every live snapshot object at the current version (one repeatable-read transaction)."""
+    async with db.transaction(isolation="repeatable_read") as conn:
+        version: int = await conn.fetchval("SELECT version FROM config_version WHERE id = 1")
+        return await _read(conn, version, None)
+
+
+async def load_changes(db: Database, since: int) -> ConfigRows | None:
+    """The objects changed after version ``since``, read at the current version; None when
+    the change log no longer reaches back that far (or so much changed that a full read
+    is cheaper): then call :func:`load_rows`."""
+    async with db.transaction(isolation="repeatable_read") as conn:
+        version: int = await conn.fetchval("SELECT version FROM config_version WHERE id = 1")
+        if version <= since:
+            return ConfigRows(version, False, {}, {}, {}, {}, {}, {})
+        pruned: int = await conn.fetchval("SELECT version FROM config_changes_pruned WHERE id = 1")
+        if pruned > since:
+            return None
+        changes = await conn.fetch(
+            f"SELECT DISTINCT kind, object_id FROM config_changes WHERE version > $1 LIMIT {MAX_CHANGED_OBJECTS + 1}",
+            since,
+        )
+        if len(changes) > MAX_CHANGED_OBJECTS:
+            return None
+        ids: dict[str, list[str]] = {kind: [] for kind in KINDS}
+        for row in changes:
+            if row["kind"] in ids:
+                ids[row["kind"]].append(row["object_id"])
+        return await _read(conn, version, ids)
+
+
+async def prune_changes(db: Database, older_than_s: float) -> None:
+    """Drop change-log rows older than ``older_than_s`` and remember the newest version dropped."""
+    async with db.transaction() as conn:
+        dropped = await conn.fetchval(
+            """WITH gone AS (DELETE FROM config_changes WHERE changed_at < now() - make_interval(secs => $1)
+                             RETURNING version)
+               SELECT max(version) FROM gone""",
+            older_than_s,
+        )
+        if dropped is not None:
+            await conn.execute("UPDATE config_changes_pruned SET version = greatest(version, $1) WHERE id = 1", dropped)
+
+
+def _where(live: str, key: str, cast: str, ids: list[str] | None) -> tuple[str, tuple[object, ...]]:
+    if ids is None:
+        return f"WHERE {live}", ()
+    return f"WHERE {live} AND {key} = ANY($1::{cast}[])", (ids,)
+
+
+async def _read(conn: asyncpg.Connection, version: int, ids: dict[str, list[str]] | None) -> ConfigRows:
+    """Read the live objects (all, or those named in ``ids`` by kind); a named object that is
+    not live comes back as None."""
     from control_plane.store import routes  # routes imports bump_version from here
 
-    async with db.transaction(isolation="repeatable_read") as conn:
-        version = await conn.fetchval("SELECT version FROM config_version WHERE id = 1")
-        tenant_rows = await conn.fetch(
-            """SELECT id::text, name, tier, rate_limit_per_minute, rate_limit_per_hour,
-                      monthly_quota, max_concurrency, is_active
-                 FROM tenants ORDER BY seq"""
-        )
-        key_rows = await conn.fetch(
-            "SELECT id::text, tenant_id::text, key_hash FROM api_keys WHERE revoked_at IS NULL ORDER BY id"
-        )
-        route_rows = await conn.fetch(f"SELECT {routes.COLUMNS} FROM routes WHERE is_active ORDER BY seq")
-        issuer_rows = await conn.fetch(
-            """SELECT id::text, tenant_id::text, issuer, audience, algorithms,
-                      coalesce(jwks, fetched_jwks)::text AS jwks_json, public_key_pem, hs256_secret
-                 FROM jwt_issuers ORDER BY seq"""
-        )
-        client_rows = await conn.fetch(
-            """SELECT id::text, tenant_id::text, client_id, secret_hash, scopes
-                 FROM oauth_clients WHERE revoked_at IS NULL ORDER BY seq"""
-        )
-        signing_rows = await conn.fetch(
-            """SELECT kid, algorithm, private_key_pem, public_jwk::text AS public_jwk_json
-                 FROM signing_keys WHERE retired_at IS NULL ORDER BY created_at, kid"""
-        )
-    return model.Snapshot(
+    def wanted(kind: str) -> list[str] | None:
+        return None if ids is None else ids[kind]
+
+    async def fetch(sql: str, kind: str, live: str, key: str, cast: str = "uuid") -> list[asyncpg.Record]:
+        if ids is not None and not ids[kind]:
+            return []
+        where, args = _where(live, key, cast, wanted(kind))
+        return list(await conn.fetch(sql.format(where=where), *args))
+
+    tenant_rows = await fetch(
+        """SELECT id::text, name, tier, rate_limit_per_minute, rate_limit_per_hour,
+                  monthly_quota, max_concurrency, is_active
+             FROM tenants {where} ORDER BY seq""",
+        "tenant",
+        "true",
+        "id",
+    )
+    key_rows = await fetch(
+        "SELECT id::text, tenant_id::text, key_hash FROM api_keys {where} ORDER BY id",
+        "api_key",
+        "revoked_at IS NULL",
+        "id",
+    )
+    route_rows = await fetch(
+        f"SELECT seq AS route_seq, {routes.COLUMNS} FROM routes {{where}} ORDER BY seq", "route", "is_active", "id"
+    )
+    issuer_rows = await fetch(
+        """SELECT id::text, tenant_id::text, issuer, audience, algorithms,
+                  coalesce(jwks, fetched_jwks)::text AS jwks_json, public_key_pem, hs256_secret
+             FROM jwt_issuers {where} ORDER BY seq""",
+        "jwt_issuer",
+        "true",
+        "id",
+    )
+    client_rows = await fetch(
+        """SELECT id::text, tenant_id::text, client_id, secret_hash, scopes
+             FROM oauth_clients {where} ORDER BY seq""",
+        "oauth_client",
+        "revoked_at IS NULL",
+        "id",
+    )
+    signing_rows = await fetch(
+        """SELECT kid, algorithm, private_key_pem, public_jwk::text AS public_jwk_json
+             FROM signing_keys {where} ORDER BY created_at, kid""",
+        "signing_key",
+        "retired_at IS NULL",
+        "kid",
+        "text",
+    )
+
+    def gone(kind: str) -> dict[str, None]:
+        return {} if ids is None else dict.fromkeys(ids[kind])
+
+    def route(r: asyncpg.Record) -> tuple[int, model.Route]:
+        values = dict(r)
+        seq: int = values.pop("route_seq")
+        return seq, routes.to_model(routes.from_row(values))
+
+    return ConfigRows(
         version=version,
-        built_at_ms=model.now_ms(),
-        tenants=tuple(
-            model.Tenant(
+        full=ids is None,
+        tenants=gone("tenant")
+        | {
+            r["id"]: model.Tenant(
                 id=r["id"],
                 name=r["name"],
                 tier=r["tier"],
@@ -82,14 +220,16 @@ async def load_snapshot(db: Database) -> model.Snapshot:
                 is_active=r["is_active"],
             )
             for r in tenant_rows
-        ),
-        api_keys=tuple(
-            model.ApiKey(id=r["id"], tenant_id=r["tenant_id"], key_hash=bytes(r["key_hash"])) for r in key_rows
-        ),
-        routes=tuple(routes.to_model(routes.from_row(r)) for r in route_rows),
-        jwt_issuers=tuple(_jwt_issuer(r) for r in issuer_rows),
-        oauth_clients=tuple(
-            model.OAuthClient(
+        },
+        api_keys=gone("api_key")
+        | {
+            r["id"]: model.ApiKey(id=r["id"], tenant_id=r["tenant_id"], key_hash=bytes(r["key_hash"])) for r in key_rows
+        },
+        routes=gone("route") | {r["id"]: route(r) for r in route_rows},
+        jwt_issuers=gone("jwt_issuer") | {r["id"]: _jwt_issuer(r) for r in issuer_rows},
+        oauth_clients=gone("oauth_client")
+        | {
+            r["id"]: model.OAuthClient(
                 id=r["id"],
                 tenant_id=r["tenant_id"],
                 client_id=r["client_id"],
@@ -97,8 +237,8 @@ async def load_snapshot(db: Database) -> model.Snapshot:
                 scopes=tuple(r["scopes"]),
             )
             for r in client_rows
-        ),
-        signing_keys=tuple(model.SigningKey(**dict(r)) for r in signing_rows),
+        },
+        signing_keys=gone("signing_key") | {r["kid"]: model.SigningKey(**dict(r)) for r in signing_rows},
     )
 
 
