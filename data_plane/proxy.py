@@ -12,7 +12,6 @@ import logging
 from ipaddress import ip_address
 from typing import Final
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -20,7 +19,8 @@ from data_plane.errors import PayloadTooLarge, UpstreamError
 from data_plane.request import Target, strip_segments
 from data_plane.router import CompiledRoute
 from data_plane.snapshot import Compiled
-from data_plane.upstream.client import HOP_BY_HOP, BodyCounter, UpstreamClient, stream_body
+from data_plane.upstream.client import HOP_BY_HOP, BodyCounter, UpstreamBrokenOff, UpstreamClient
+from data_plane.upstream.dispatch import Dispatcher, RequestBody
 from shared.settings import Settings
 from shared.snapshot import Tenant
 
@@ -36,6 +36,7 @@ _DROP_RESPONSE: Final = HOP_BY_HOP
 class Proxy:
     def __init__(self, client: UpstreamClient, settings: Settings) -> None:
         self._client = client
+        self._dispatcher = Dispatcher(client)
         self._trusted = settings.trusted_proxies
 
     async def forward(
@@ -47,20 +48,21 @@ class Proxy:
         tenant: Tenant | None,
         rid: str,
     ) -> web.StreamResponse:
-        upstream = snap.upstreams[route.route.id]
+        pool = snap.upstreams[route.route.id]
         raw_path = strip_segments(target.raw_path, route.strip_count) if route.route.strip_prefix else target.raw_path
-        url = upstream.url(raw_path, target.raw_query)
         headers = self._upstream_headers(request, tenant, rid)
+        key = pool.hash_key(tenant.id if tenant is not None else None, request.remote, request.headers)
         counter = BodyCounter(route.route.max_body_bytes)
-        body = stream_body(request.content, counter) if request.body_exists else None
+        body = RequestBody(request.content, counter) if request.body_exists else None
         try:
-            up = await self._client.send(request.method, url, headers, body, upstream.timeout)
+            exchange = await self._dispatcher.open(pool, request.method, raw_path, target.raw_query, headers, body, key)
         except UpstreamError:
             if counter.exceeded:
                 raise PayloadTooLarge(
                     f"the request body is larger than this route's limit of {counter.limit} bytes"
                 ) from None
             raise
+        up = exchange.response
         try:
             response = web.StreamResponse(status=up.status, reason=up.reason)
             connection_tokens = _connection_tokens(up.headers.getall("Connection", ()))
@@ -72,16 +74,17 @@ class Proxy:
             response.headers["X-Request-ID"] = rid
             await response.prepare(request)
             try:
-                async for chunk in up.content.iter_any():
+                async for chunk in exchange.body():
                     await response.write(chunk)
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except UpstreamBrokenOff as exc:
                 # The status line is gone already: all that is left is to cut the connection.
-                log.warning("upstream broke off mid-response", extra={"request_id": rid, "error": repr(exc)})
+                log.warning("upstream broke off mid-response", extra={"request_id": rid, "error": str(exc)})
                 raise
             await response.write_eof()
             return response
         finally:
-            up.release()
+            # Returns the connection to the pool only if the body was read to its end.
+            exchange.close()
 
     def _upstream_headers(self, request: web.BaseRequest, tenant: Tenant | None, rid: str) -> CIMultiDict[str]:
         incoming = request.headers

@@ -26,6 +26,7 @@ from data_plane.pipeline import Pipeline
 from data_plane.ratelimit.redis import RedisBackend
 from data_plane.snapshot import Holder
 from data_plane.upstream.client import UpstreamClient
+from data_plane.upstream.health import HealthMonitor
 from shared import settings as tg_settings
 from shared.settings import Settings
 
@@ -110,6 +111,10 @@ async def run_worker(settings: Settings, *, reuse_port: bool) -> None:
         background = [
             asyncio.create_task(config.run(), name="config-stream"),
             asyncio.create_task(redis.watch_health(), name="redis-health"),
+            asyncio.create_task(
+                HealthMonitor(client, lambda: holder.current.upstreams if holder.current else None).run(),
+                name="upstream-health",
+            ),
         ]
         log.info(
             "data plane worker ready",

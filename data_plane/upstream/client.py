@@ -8,6 +8,7 @@ re-normalised.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
@@ -20,8 +21,15 @@ from yarl import URL
 from data_plane.errors import UpstreamTimeout, UpstreamUnavailable
 
 BODY_CHUNK_BYTES: Final = 64 * 1024
+# Idle keep-alive connections are closed after this; below the 60-75 s most servers use, so
+# we close first and rarely meet a connection the upstream has just dropped.
 KEEPALIVE_TIMEOUT_S: Final = 30.0
 DNS_CACHE_TTL_S: Final = 10
+# Open connections per worker, in total and to one host:port. A request beyond them waits
+# for a free connection within its connect timeout (then 504), so a hanging upstream cannot
+# make a worker open sockets without bound.
+POOL_LIMIT: Final = 4096
+POOL_LIMIT_PER_HOST: Final = 1024
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies meet in practice.
 HOP_BY_HOP: Final = frozenset(
@@ -41,26 +49,23 @@ HOP_BY_HOP: Final = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """A route's upstream base URL, parsed once per snapshot."""
+    """An upstream base URL, parsed once."""
 
     scheme: str
     host: str
     port: int
     base_path: str  # without a trailing "/"
-    timeout: aiohttp.ClientTimeout
 
     @classmethod
-    def parse(cls, url: str, timeout_ms: int) -> Target:
+    def parse(cls, url: str) -> Target:
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        seconds = timeout_ms / 1000
         return cls(
             scheme=parts.scheme,
             host=host.encode("idna").decode("ascii") if not host.isascii() else host,
             port=port,
             base_path=parts.path.rstrip("/"),
-            timeout=aiohttp.ClientTimeout(total=None, connect=seconds, sock_read=seconds),
         )
 
     def url(self, raw_path: str, raw_query: str) -> URL:
@@ -74,6 +79,13 @@ class Target:
         )
 
 
+@functools.lru_cache(maxsize=1024)
+def try_timeout(seconds: float) -> aiohttp.ClientTimeout:
+    """One try's limits: ``seconds`` to connect (pool wait included) and ``seconds`` between
+    reads, so for the response head and for every pause while the body streams."""
+    return aiohttp.ClientTimeout(total=None, connect=seconds, sock_read=seconds)
+
+
 class UpstreamClient:
     """Owns the worker's connection pool. Call :meth:`start` inside the running loop."""
 
@@ -82,8 +94,8 @@ class UpstreamClient:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
-            limit=0,
-            limit_per_host=0,
+            limit=POOL_LIMIT,
+            limit_per_host=POOL_LIMIT_PER_HOST,
             ttl_dns_cache=DNS_CACHE_TTL_S,
             keepalive_timeout=KEEPALIVE_TIMEOUT_S,
             enable_cleanup_closed=True,
@@ -126,6 +138,40 @@ class UpstreamClient:
             raise UpstreamUnavailable("cannot connect to the upstream", code="upstream_connect_error") from exc
         except (aiohttp.ClientError, OSError, BodyTooLarge) as exc:
             raise UpstreamUnavailable("the upstream sent an invalid response", code="upstream_error") from exc
+
+    async def probe(self, url: URL, timeout_s: float) -> int | None:
+        """GET ``url`` for a health check: the status, or None when no valid answer came in ``timeout_s``."""
+        assert self._session is not None, "UpstreamClient.start() was not called"
+        try:
+            async with self._session.get(
+                url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout_s), headers=_PROBE_HEADERS
+            ) as response:
+                # Drain a little so the connection can be reused; a longer body closes it.
+                await response.content.read(PROBE_READ_BYTES)
+                return response.status
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return None
+
+
+_PROBE_HEADERS: Final = {"User-Agent": "tenantgate-health-check"}
+PROBE_READ_BYTES: Final = 64 * 1024
+
+
+class UpstreamBrokenOff(ConnectionResetError):
+    """The upstream failed after the response head was sent on to the client: there is no
+    status left to answer with, only the client connection to cut. Deliberately not a
+    GatewayError."""
+
+
+async def response_body(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The upstream response body as it arrives. A response broken off mid-body raises
+    :class:`UpstreamBrokenOff`, and its connection is closed rather than returned to the pool."""
+    try:
+        async for chunk in response.content.iter_any():
+            yield chunk
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        response.close()
+        raise UpstreamBrokenOff(f"the upstream broke off mid-response: {exc!r}") from exc
 
 
 class BodyCounter:

@@ -1,0 +1,277 @@
+"""Per-route upstream pools, compiled once per snapshot, over target state that outlives snapshots.
+
+    Registry (one per worker, lives as long as the process)
+      endpoints   URL → Endpoint        health, ejection, requests in flight
+      breakers    (URL, settings) → Breaker
+      budgets     route id → RetryBudget
+    RoutePool (one per route per snapshot, immutable but for the balancer's own counters)
+      members     (Endpoint, Breaker | None, weight) per upstream of the route
+      balancer    round robin | least connections | consistent hash
+
+A snapshot that keeps a target keeps its state: the new pool is built over the same
+Endpoint and Breaker objects. :meth:`Registry.retain` forgets what no current route names.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Final
+
+import aiohttp
+from prometheus_client import Counter, Gauge, Histogram
+
+from data_plane.errors import ServiceUnavailable
+from data_plane.upstream import metrics
+from data_plane.upstream.balancer import Balancer, ConsistentHash, LeastConnections, RoundRobin
+from data_plane.upstream.breaker import Breaker
+from data_plane.upstream.client import try_timeout
+from data_plane.upstream.endpoint import Endpoint
+from data_plane.upstream.retry import RetryBudget
+from shared.snapshot import CircuitBreaker as BreakerConfig
+from shared.snapshot import HealthCheck, Route
+
+# The deadline for a response head across all tries is this many times the route's timeout:
+# one full try, and the retries share one more timeout's worth.
+DEADLINE_FACTOR: Final = 2
+
+Clock = Callable[[], float]
+
+log = logging.getLogger(__name__)
+
+
+class Registry:
+    """This worker's upstream state, keyed so that it survives snapshot swaps.
+
+    Snapshots may be compiled in a worker thread while the event loop prunes: the maps are
+    changed under a lock (compile time only; the request path never takes it). The state
+    objects themselves are touched only by the event loop."""
+
+    def __init__(self, clock: Clock = time.monotonic, rng: random.Random | None = None) -> None:
+        self.clock = clock
+        self.rng = rng or random.Random()  # noqa: S311 - load balancing, not a secret
+        self.endpoints: dict[str, Endpoint] = {}
+        self.breakers: dict[tuple[str, BreakerConfig], Breaker] = {}
+        self.budgets: dict[str, RetryBudget] = {}
+        self._lock = threading.Lock()
+        # URLs and route ids asked for since the last retain(): a compile running meanwhile
+        # (for a snapshot not yet current) must not lose them.
+        self._touched: set[str] = set()
+
+    def endpoint(self, url: str) -> Endpoint:
+        with self._lock:
+            self._touched.add(url)
+            endpoint = self.endpoints.get(url)
+            if endpoint is None:
+                endpoint = self.endpoints[url] = Endpoint(url)
+            return endpoint
+
+    def breaker(self, url: str, config: BreakerConfig) -> Breaker:
+        with self._lock:
+            return self._breaker(url, config)
+
+    def _breaker(self, url: str, config: BreakerConfig) -> Breaker:
+        breaker = self.breakers.get((url, config))
+        if breaker is None:
+            state = metrics.BREAKER_STATE.labels(url)
+            state.set(0)
+
+            def changed(new: int, state: Gauge = state, url: str = url) -> None:
+                state.set(new)
+                metrics.BREAKER_TRANSITIONS.labels(url, ("closed", "half_open", "open")[new]).inc()
+
+            breaker = self.breakers[(url, config)] = Breaker(config, changed)
+        return breaker
+
+    def budget(self, route_id: str) -> RetryBudget:
+        with self._lock:
+            self._touched.add(route_id)
+            budget = self.budgets.get(route_id)
+            if budget is None:
+                budget = self.budgets[route_id] = RetryBudget()
+            return budget
+
+    def retain(self, pools: Iterable[RoutePool]) -> None:
+        """Forget state no pool in ``pools`` (the current snapshot's) refers to and no compile
+        asked for since the previous call."""
+        urls: set[str] = set()
+        breakers: set[tuple[str, BreakerConfig]] = set()
+        routes: set[str] = set()
+        for pool in pools:
+            routes.add(pool.route_id)
+            for member in pool.members:
+                urls.add(member.endpoint.url)
+                if member.breaker is not None:
+                    breakers.add((member.endpoint.url, member.breaker.config))
+        with self._lock:
+            touched, self._touched = self._touched, set()
+            self.endpoints = {url: e for url, e in self.endpoints.items() if url in urls or url in touched}
+            self.breakers = {k: b for k, b in self.breakers.items() if k in breakers or k[0] in touched}
+            self.budgets = {rid: b for rid, b in self.budgets.items() if rid in routes or rid in touched}
+
+
+# The default registry of this process. Each data plane worker is its own process, so this is
+# per worker; tests build their own.
+REGISTRY: Final = Registry()
+
+
+class Member:
+    __slots__ = ("_requests", "breaker", "endpoint", "weight")
+
+    def __init__(self, endpoint: Endpoint, breaker: Breaker | None, weight: int) -> None:
+        self.endpoint = endpoint
+        self.breaker = breaker
+        self.weight = weight
+        self._requests: dict[str, Counter] = {}
+
+    def count(self, route_id: str, result: str) -> None:
+        child = self._requests.get(result)
+        if child is None:
+            child = self._requests[result] = metrics.REQUESTS.labels(route_id, self.endpoint.url, result)
+        child.inc()
+
+
+class RoutePool:
+    """One route's targets and how to choose among them."""
+
+    __slots__ = (
+        "_latency",
+        "balancer",
+        "budget",
+        "deadline_s",
+        "hash_header",
+        "hash_on",
+        "health_check",
+        "members",
+        "retries",
+        "route_id",
+        "timeout",
+        "timeout_s",
+    )
+
+    def __init__(self, route: Route, registry: Registry) -> None:
+        self.route_id = route.id
+        self.members = tuple(
+            Member(
+                registry.endpoint(u.url),
+                registry.breaker(u.url, route.circuit_breaker) if route.circuit_breaker is not None else None,
+                max(1, u.weight),
+            )
+            for u in route.upstreams
+        )
+        weights = [m.weight for m in self.members]
+        # What consistent hashing keys on: "tenant", "ip" or "header" (+ hash_header); "" otherwise.
+        self.hash_on, self.hash_header = "", ""
+        if route.load_balancing == "consistent_hash":
+            self.hash_on, _, self.hash_header = (route.hash_on or "tenant").partition(":")
+        self.balancer: Balancer
+        if route.load_balancing == "least_connections":
+            self.balancer = LeastConnections([m.endpoint for m in self.members], weights, registry.rng)
+        elif route.load_balancing == "consistent_hash":
+            self.balancer = ConsistentHash([m.endpoint.url for m in self.members], weights)
+        else:
+            self.balancer = RoundRobin(weights)
+        self.retries = route.retries
+        self.timeout_s = route.timeout_ms / 1000
+        self.timeout: aiohttp.ClientTimeout = try_timeout(self.timeout_s)
+        self.deadline_s = self.timeout_s * DEADLINE_FACTOR
+        self.budget = registry.budget(route.id)
+        self.health_check: HealthCheck | None = route.health_check
+        self._latency: Histogram | None = None
+
+    # -- choosing ------------------------------------------------------------------------
+
+    def hash_key(self, tenant_id: str | None, peer: str | None, headers: Mapping[str, str]) -> bytes | None:
+        """The consistent-hash key of a request; None (balance round-robin) when it has none."""
+        hash_on = self.hash_on
+        if not hash_on:
+            return None
+        if hash_on == "tenant":
+            value = tenant_id
+        elif hash_on == "ip":
+            value = peer
+        else:
+            value = headers.get(self.hash_header)
+        return value.encode("utf-8", "surrogateescape") if value else None
+
+    def pick(self, now: float, key: bytes | None, tried: Sequence[int] = ()) -> int | None:
+        """A member that may take a request now, preferring ones not in ``tried``; None if none may."""
+        candidates = self._candidates(now, tried)
+        if not candidates and tried:
+            candidates = self._candidates(now, ())
+        if not candidates:
+            return None
+        return self.balancer.pick(candidates, key)
+
+    def _candidates(self, now: float, tried: Sequence[int]) -> list[int]:
+        return [
+            i
+            for i, m in enumerate(self.members)
+            if m.endpoint.in_service(now) and (m.breaker is None or m.breaker.allows(now)) and i not in tried
+        ]
+
+    def unavailable(self, now: float) -> ServiceUnavailable:
+        """Why no member may take a request: an open circuit, or no healthy target."""
+        circuit_waits = [
+            m.breaker.retry_after(now) for m in self.members if m.breaker is not None and m.endpoint.in_service(now)
+        ]
+        if circuit_waits:
+            wait = min(circuit_waits)
+            self._shed("circuit_open")
+            return ServiceUnavailable(
+                "the upstream's circuit breaker is open",
+                code="circuit_open",
+                headers=(("Retry-After", str(wait)),),
+            )
+        waits = [
+            m.endpoint.ejected_until - now if m.endpoint.ejected(now) else self._health_interval() for m in self.members
+        ]
+        self._shed("no_healthy_upstream")
+        return ServiceUnavailable(
+            "no healthy upstream target",
+            code="no_healthy_upstream",
+            headers=(("Retry-After", str(max(1, math.ceil(min(waits, default=1.0))))),),
+        )
+
+    def _health_interval(self) -> float:
+        return float(self.health_check.interval_s) if self.health_check is not None else 1.0
+
+    def _shed(self, reason: str) -> None:
+        metrics.SHED.labels(self.route_id, reason).inc()
+
+    # -- learning ------------------------------------------------------------------------
+
+    def record(self, index: int, ticket: int, ok: bool, now: float) -> None:
+        """The outcome of a try: feeds the target's breaker and outlier detection."""
+        member = self.members[index]
+        if member.breaker is not None:
+            member.breaker.record(ticket, ok, now)
+        endpoint = member.endpoint
+        if ok:
+            endpoint.record_success()
+        elif endpoint.record_failure() and self._may_eject(now):
+            seconds = endpoint.eject(now)
+            metrics.EJECTIONS.labels(endpoint.url).inc()
+            log.warning(
+                "upstream target ejected after consecutive failures", extra={"target": endpoint.url, "seconds": seconds}
+            )
+
+    def _may_eject(self, now: float) -> bool:
+        """At most half of the route's targets may be ejected at once: never all, never a lone one."""
+        ejected = sum(1 for m in self.members if m.endpoint.ejected(now))
+        return (ejected + 1) * 2 <= len(self.members)
+
+    def observe_latency(self, seconds: float) -> None:
+        latency = self._latency
+        if latency is None:
+            latency = self._latency = metrics.LATENCY.labels(self.route_id)
+        latency.observe(seconds)
+
+
+def compile_pools(routes: Iterable[Route], registry: Registry = REGISTRY) -> dict[str, RoutePool]:
+    """Route id → its pool, for one snapshot."""
+    return {route.id: RoutePool(route, registry) for route in routes}
