@@ -30,11 +30,14 @@ from data_plane.errors import (
     Unauthenticated,
 )
 from data_plane.proxy import Proxy
-from data_plane.request import canonicalise
-from data_plane.router import request_host
-from data_plane.snapshot import Holder
+from data_plane.ratelimit.base import Limits
+from data_plane.ratelimit.limiter import RateLimiter
+from data_plane.request import Target, canonicalise
+from data_plane.router import CompiledRoute, request_host
+from data_plane.snapshot import Compiled, Holder
 from data_plane.upstream.client import UpstreamClient
 from shared.settings import Settings
+from shared.snapshot import Tenant
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +68,34 @@ def error_response(exc: GatewayError, rid: str) -> web.Response:
 
 
 class Pipeline:
-    def __init__(self, holder: Holder, client: UpstreamClient, settings: Settings) -> None:
+    def __init__(
+        self, holder: Holder, client: UpstreamClient, settings: Settings, limiter: RateLimiter | None = None
+    ) -> None:
         self._holder = holder
         self._proxy = Proxy(client, settings)
+        self._limiter = limiter
+
+    async def _forward_limited(
+        self,
+        request: web.BaseRequest,
+        snap: Compiled,
+        route: CompiledRoute,
+        target: Target,
+        tenant: Tenant,
+        rid: str,
+        limits: Limits,
+    ) -> web.StreamResponse:
+        """Rate limits, quota and concurrency (429), then forward; the concurrency lease is
+        given back however the exchange ends, and every answer carries the limit headers."""
+        assert self._limiter is not None
+        admission = await self._limiter.admit(limits)
+        try:
+            return await self._proxy.forward(request, snap, route, target, tenant, rid, admission.headers)
+        except GatewayError as exc:
+            exc.headers = (*exc.headers, *admission.headers)
+            raise
+        finally:
+            self._limiter.release(admission)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         rid = request_id(request)
@@ -91,6 +119,10 @@ class Pipeline:
             limit = route.route.max_body_bytes
             if limit and request.content_length is not None and request.content_length > limit:
                 raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
+            if tenant is not None and self._limiter is not None:
+                limits = self._limiter.limits_for(snap, route, tenant)
+                if limits is not None:
+                    return await self._forward_limited(request, snap, route, target, tenant, rid, limits)
             return await self._proxy.forward(request, snap, route, target, tenant, rid)
         except GatewayError as exc:
             return error_response(exc, rid)

@@ -47,7 +47,9 @@ class Proxy:
         target: Target,
         tenant: Tenant | None,
         rid: str,
+        extra_headers: tuple[tuple[str, str], ...] = (),
     ) -> web.StreamResponse:
+        """``extra_headers`` are set on the response after the upstream's (e.g. RateLimit)."""
         pool = snap.upstreams[route.route.id]
         raw_path = strip_segments(target.raw_path, route.strip_count) if route.route.strip_prefix else target.raw_path
         headers = self._upstream_headers(request, tenant, rid)
@@ -72,6 +74,8 @@ class Proxy:
                     continue
                 response.headers.add(name, value)
             response.headers["X-Request-ID"] = rid
+            for name, value in extra_headers:
+                response.headers[name] = value
             await response.prepare(request)
             try:
                 async for chunk in exchange.body():

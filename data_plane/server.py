@@ -23,6 +23,7 @@ from aiohttp import web
 
 from data_plane.cluster import ConfigClient
 from data_plane.pipeline import Pipeline
+from data_plane.ratelimit.limiter import RateLimiter
 from data_plane.ratelimit.redis import RedisBackend
 from data_plane.snapshot import Holder
 from data_plane.upstream.client import UpstreamClient
@@ -43,7 +44,9 @@ def _json(status: int, payload: dict[str, Any]) -> web.Response:
     return web.Response(status=status, text=json.dumps(payload), content_type="application/json")
 
 
-def status_app(settings: Settings, holder: Holder, config: ConfigClient, redis: RedisBackend) -> web.Application:
+def status_app(
+    settings: Settings, holder: Holder, config: ConfigClient, redis: RedisBackend, limiter: RateLimiter
+) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return _json(200, {"status": "ok"})
 
@@ -63,6 +66,9 @@ def status_app(settings: Settings, holder: Holder, config: ConfigClient, redis: 
                 "config_version": current.version if current is not None else 0,
                 "cp_connected": config.status.connected,
                 "redis_ok": redis.ok,
+                "ratelimit_mode": limiter.mode,
+                "ratelimit_redis_round_trips": redis.round_trips,
+                "ratelimit_redis_commands": redis.commands,
                 "snapshot_source": holder.source,
                 "last_error": config.status.last_error,
             },
@@ -87,14 +93,15 @@ async def run_worker(settings: Settings, *, reuse_port: bool) -> None:
     redis = RedisBackend(settings)
     config = ConfigClient(settings, holder)
     config.restore_from_disk()
-    pipeline = Pipeline(holder, client, settings)
+    limiter = RateLimiter(settings, redis)
+    pipeline = Pipeline(holder, client, settings, limiter)
 
     proxy = web.ServerRunner(
         web.Server(pipeline.handle, access_log=None, max_field_size=MAX_HEADER_FIELD_BYTES),
         handle_signals=False,
         shutdown_timeout=DRAIN_TIMEOUT_S,
     )
-    status = web.AppRunner(status_app(settings, holder, config, redis), handle_signals=False, access_log=None)
+    status = web.AppRunner(status_app(settings, holder, config, redis, limiter), handle_signals=False, access_log=None)
     background: list[asyncio.Task[None]] = []
     try:
         await proxy.setup()

@@ -14,9 +14,15 @@ import sys
 
 from aiohttp import web
 
+MAX_DELAY_MS = 60_000
+
 
 async def echo(request: web.Request) -> web.Response:
     body = await request.read()
+    # ``?delay_ms=N`` answers after N ms: a slow upstream for timeout and concurrency tests.
+    delay = request.query.get("delay_ms", "")
+    if delay.isdigit():
+        await asyncio.sleep(min(int(delay), MAX_DELAY_MS) / 1000)
     payload = {
         "method": request.method,
         "path": request.raw_path.partition("?")[0],

@@ -1,0 +1,216 @@
+"""RedisBackend and RateLimiter against the real local Redis: auto-pipelining, script reload,
+the circuit and the fallbacks, headers, and the local limiter on a fixed clock."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+
+import pytest
+import redis
+
+from data_plane.errors import ServiceUnavailable, TooManyRequests
+from data_plane.ratelimit import limiter as rl
+from data_plane.ratelimit.base import MINUTE, Kind, LimiterUnavailable, Limits
+from data_plane.ratelimit.local import LocalBackend
+from data_plane.ratelimit.redis import RedisBackend
+from data_plane.router import Router
+from shared import settings as tg_settings
+from shared.settings import Settings
+from shared.snapshot import Route, Tenant, Upstream
+
+pytestmark = pytest.mark.unit
+
+
+def _settings(redis_url: str, **env: str) -> Settings:
+    return tg_settings.load(environ={"TENANTGATE_REDIS_URL": redis_url, "TENANTGATE_NODE_ID": "unit-1", **env})
+
+
+def _tenant(**limits: int) -> Tenant:
+    values = {"rate_limit_per_minute": 0, "rate_limit_per_hour": 0, "monthly_quota": 0, "max_concurrency": 0}
+    values.update(limits)
+    return Tenant(id=uuid.uuid4().hex, name="t", tier="free", is_active=True, **values)
+
+
+def _route(rate_limit: int = 0, burst: int = 0) -> Route:
+    return Route(
+        id="route-1",
+        path="/x/*",
+        methods=("GET",),
+        upstreams=(Upstream("http://127.0.0.1:1", 1),),
+        auth_required=True,
+        rate_limit=rate_limit,
+        timeout_ms=1000,
+        strip_prefix=False,
+        priority=0,
+        burst=burst,
+    )
+
+
+def _limits(limiter: rl.RateLimiter, tenant: Tenant, route: Route | None = None) -> Limits:
+    compiled = Router((route or _route(),)).match("/x/y", "GET", "", {})
+    assert compiled is not None
+    limits = limiter.limits_for(object(), compiled.route, tenant)
+    assert limits is not None
+    return limits
+
+
+# Keeps the Redis server busy for 50 ms.
+_BUSY_50_MS = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - start > 50000
+return 1
+"""
+
+
+def _dead_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_concurrent_decisions_share_round_trips(redis_url: str) -> None:
+    backend = RedisBackend(_settings(redis_url))
+    assert await backend.ping()
+    limiter = rl.RateLimiter(_settings(redis_url), backend)
+    limits = _limits(limiter, _tenant(rate_limit_per_minute=1000, rate_limit_per_hour=10_000, max_concurrency=500))
+    try:
+        for _ in range(5):  # five waves of 100 concurrent requests
+            admissions = await asyncio.gather(*(limiter.admit(limits) for _ in range(100)))
+            for admission in admissions:
+                limiter.release(admission)
+        await asyncio.sleep(0)
+    finally:
+        await backend.close()
+    # 500 decisions and 500 lease releases.
+    assert backend.commands == 1000
+    assert backend.round_trips / 500 < 0.1
+
+
+async def test_the_script_is_loaded_again_after_a_flush(redis_url: str) -> None:
+    backend = RedisBackend(_settings(redis_url))
+    assert await backend.ping()
+    limiter = rl.RateLimiter(_settings(redis_url), backend)
+    limits = _limits(limiter, _tenant(rate_limit_per_minute=5))
+    try:
+        await limiter.admit(limits)
+        redis.Redis.from_url(redis_url).script_flush()
+        admission = await limiter.admit(limits)
+    finally:
+        await backend.close()
+    assert dict(admission.headers)["RateLimit"] == f'"minute";r=3;t={dict(admission.headers)["X-RateLimit-Reset"]}'
+    assert backend.ok
+
+
+async def test_headers_on_admission_and_refusal(redis_url: str) -> None:
+    backend = RedisBackend(_settings(redis_url))
+    assert await backend.ping()
+    limiter = rl.RateLimiter(_settings(redis_url), backend)
+    limits = _limits(limiter, _tenant(rate_limit_per_minute=2, rate_limit_per_hour=100), _route(rate_limit=50))
+    try:
+        first = dict((await limiter.admit(limits)).headers)
+        await limiter.admit(limits)
+        with pytest.raises(TooManyRequests) as refused:
+            await limiter.admit(limits)
+    finally:
+        await backend.close()
+    assert first["RateLimit-Policy"] == '"minute";q=2;w=60, "hour";q=100;w=3600, "route";q=50;w=60'
+    assert first["RateLimit"].startswith('"minute";r=1;t=6')
+    assert (first["X-RateLimit-Limit"], first["X-RateLimit-Remaining"]) == ("2", "1")
+    headers = dict(refused.value.headers)
+    assert refused.value.code == "rate_limited"
+    assert headers["X-RateLimit-Remaining"] == "0"
+    assert 60 <= int(headers["Retry-After"]) <= 61
+    assert headers["X-RateLimit-Reset"] == headers["Retry-After"]
+
+
+async def test_open_mode_falls_back_to_the_local_limiter_at_once(redis_url: str) -> None:
+    dead = f"redis://127.0.0.1:{_dead_port()}/0"
+    settings = _settings(dead, TENANTGATE_RATELIMIT_TIMEOUT_MS="20")
+    backend = RedisBackend(settings)
+    assert not await backend.ping()
+    limiter = rl.RateLimiter(settings, backend)
+    limits = _limits(limiter, _tenant(rate_limit_per_minute=3))
+    try:
+        admitted = 0
+        for _ in range(5):
+            try:
+                await limiter.admit(limits)
+                admitted += 1
+            except TooManyRequests:
+                pass
+    finally:
+        await backend.close()
+    assert limiter.mode == "local"
+    assert admitted == 3
+
+
+async def test_closed_mode_answers_503_without_redis(redis_url: str) -> None:
+    dead = f"redis://127.0.0.1:{_dead_port()}/0"
+    settings = _settings(dead, TENANTGATE_RATELIMIT_FAILURE_MODE="closed")
+    backend = RedisBackend(settings)
+    await backend.ping()
+    limiter = rl.RateLimiter(settings, backend)
+    try:
+        with pytest.raises(ServiceUnavailable) as refused:
+            await limiter.admit(_limits(limiter, _tenant(rate_limit_per_minute=3)))
+    finally:
+        await backend.close()
+    assert limiter.mode == "closed"
+    assert dict(refused.value.headers) == {"Retry-After": "1"}
+
+
+async def test_a_failed_batch_opens_the_circuit_and_a_probe_closes_it(redis_url: str) -> None:
+    backend = RedisBackend(_settings(redis_url, TENANTGATE_RATELIMIT_TIMEOUT_MS="1"))
+    assert await backend.ping()
+    limiter = rl.RateLimiter(_settings(redis_url), backend)
+    limits = _limits(limiter, _tenant(rate_limit_per_minute=100))
+    blocker = redis.Redis.from_url(redis_url)
+    try:
+        # Redis busy for 50 ms: the batch cannot answer within 1 ms.
+        busy = asyncio.get_running_loop().run_in_executor(None, blocker.eval, _BUSY_50_MS, 0)
+        await asyncio.sleep(0.01)
+        with pytest.raises(LimiterUnavailable):
+            await backend.decide(limits, "")
+        assert not backend.ok
+        with pytest.raises(LimiterUnavailable):  # no attempt while the circuit is open
+            await backend.decide(limits, "")
+        await busy
+        assert await backend.ping()
+        assert (await backend.decide(limits, "")).allowed
+    finally:
+        blocker.close()
+        await backend.close()
+
+
+def test_local_limiter_shares_the_limit_among_live_nodes() -> None:
+    now = [1000.0]
+    local = LocalBackend(60, lambda: 3, clock=lambda: now[0])
+    limiter_limits = Limits(
+        tenant_id="t",
+        route_id="r",
+        per_minute=30,
+        per_hour=0,
+        route_limit=0,
+        burst=0,
+        monthly_quota=0,
+        max_concurrency=2,
+        keys=("a", "b", "c", "d", "e", "f"),
+        policies=(),
+        policy_header="",
+    )
+    decisions = [local.decide_now(limiter_limits) for _ in range(3)]
+    assert [d.allowed for d in decisions] == [True, False, False]
+    assert decisions[1].kind == Kind.CONCURRENCY  # 2 ÷ 3 nodes → 1 in flight here
+    local.release(limiter_limits, "")
+    admitted = 0
+    for _ in range(20):
+        if local.decide_now(limiter_limits).allowed:
+            admitted += 1
+            local.release(limiter_limits, "")
+    assert admitted == 9  # 30 ÷ 3 nodes = 10 a minute here, one of them taken above
+    now[0] += 61
+    assert local.decide_now(limiter_limits).remaining[MINUTE] == 9
