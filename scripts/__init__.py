@@ -1,0 +1,1 @@
+"""Operator scripts that run from a checkout (not installed with the package)."""
