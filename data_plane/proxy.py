@@ -53,7 +53,11 @@ class Proxy:
         pool = snap.upstreams[route.route.id]
         raw_path = strip_segments(target.raw_path, route.strip_count) if route.route.strip_prefix else target.raw_path
         headers = self._upstream_headers(request, tenant, rid)
-        key = pool.hash_key(tenant.id if tenant is not None else None, request.remote, request.headers)
+        key = (
+            pool.hash_key(tenant.id if tenant is not None else None, request.remote, request.headers)
+            if pool.hash_on
+            else None
+        )
         counter = BodyCounter(route.route.max_body_bytes)
         body = RequestBody(request.content, counter) if request.body_exists else None
         try:

@@ -175,14 +175,20 @@ async def response_body(response: aiohttp.ClientResponse) -> AsyncIterator[bytes
 
 
 class BodyCounter:
-    """Counts request body bytes against a route's limit (0: none) while they stream."""
+    """Counts request body bytes against a route's limit (0: none) while they stream, and
+    notes when the client, not the upstream, is why a try failed."""
 
-    __slots__ = ("exceeded", "limit", "seen")
+    __slots__ = ("client_failed", "exceeded", "limit", "seen")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.seen = 0
         self.exceeded = False
+        self.client_failed = False  # the client's body broke off (it went away, bad framing)
+
+    @property
+    def client_fault(self) -> bool:
+        return self.exceeded or self.client_failed
 
 
 class BodyTooLarge(Exception):
@@ -193,7 +199,11 @@ async def stream_body(content: aiohttp.StreamReader, counter: BodyCounter) -> As
     """The client's request body as chunks, never held whole, cut off past the limit."""
     limit = counter.limit
     while True:
-        chunk = await content.readany()
+        try:
+            chunk = await content.readany()
+        except Exception:
+            counter.client_failed = True
+            raise
         if not chunk:
             return
         counter.seen += len(chunk)

@@ -121,6 +121,8 @@ class Dispatcher:
                 )
             except UpstreamError as exc:
                 endpoint.active -= 1
+                if body is not None and body.counter.client_fault:
+                    raise  # the client's body was too large or broke off: nothing to learn or retry
                 now = clock()
                 pool.record(index, ticket, False, now)
                 recorded = True

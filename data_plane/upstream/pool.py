@@ -200,6 +200,10 @@ class RoutePool:
 
     def pick(self, now: float, key: bytes | None, tried: Sequence[int] = ()) -> int | None:
         """A member that may take a request now, preferring ones not in ``tried``; None if none may."""
+        if len(self.members) == 1:  # the common route: no list, no balancer
+            only = self.members[0]
+            usable = only.endpoint.in_service(now) and (only.breaker is None or only.breaker.allows(now))
+            return 0 if usable else None
         candidates = self._candidates(now, tried)
         if not candidates and tried:
             candidates = self._candidates(now, ())
