@@ -32,10 +32,11 @@ from data_plane.errors import (
 from data_plane.proxy import Proxy
 from data_plane.ratelimit.base import Limits
 from data_plane.ratelimit.limiter import RateLimiter
-from data_plane.request import Target, canonicalise
+from data_plane.request import Target, canonicalise, check_message
 from data_plane.router import CompiledRoute, request_host
 from data_plane.snapshot import Compiled, Holder
 from data_plane.upstream.client import UpstreamClient
+from data_plane.upstream.websocket import WebSocketClient
 from shared.settings import Settings
 from shared.snapshot import Tenant
 
@@ -56,6 +57,10 @@ def error_response(exc: GatewayError, rid: str) -> web.Response:
     body = json.dumps({"error": {"code": exc.code, "message": exc.message, "request_id": rid}})
     response = web.Response(status=exc.status, text=body, content_type="application/json")
     response.headers["X-Request-ID"] = rid
+    if exc.status == 400:
+        # A malformed or ambiguous message: nothing more is read from this connection, so
+        # bytes after it (a smuggled request) are never parsed as a request of their own.
+        response.force_close()
     for name, value in exc.headers:
         response.headers[name] = value
     if isinstance(exc, Unauthenticated) and "WWW-Authenticate" not in response.headers:
@@ -69,10 +74,15 @@ def error_response(exc: GatewayError, rid: str) -> web.Response:
 
 class Pipeline:
     def __init__(
-        self, holder: Holder, client: UpstreamClient, settings: Settings, limiter: RateLimiter | None = None
+        self,
+        holder: Holder,
+        client: UpstreamClient,
+        settings: Settings,
+        limiter: RateLimiter | None = None,
+        websockets: WebSocketClient | None = None,
     ) -> None:
         self._holder = holder
-        self._proxy = Proxy(client, settings)
+        self._proxy = Proxy(client, settings, websockets)
         self._limiter = limiter
 
     async def _forward_limited(
@@ -104,6 +114,7 @@ class Pipeline:
             if snap is None:
                 raise NotReady("no configuration loaded yet")
             target = canonicalise(request.raw_path)
+            check_message(request.version, request.headers)
             if target.path in oauth.PATHS:  # the gateway's own endpoints: never shadowed by a route
                 return await oauth.serve(request, target.path, snap.auth.token_service, rid)
             headers = request.headers

@@ -15,28 +15,48 @@ from typing import Final
 from aiohttp import web
 from multidict import CIMultiDict
 
-from data_plane.errors import PayloadTooLarge, UpstreamError
-from data_plane.request import Target, strip_segments
+from data_plane import websocket
+from data_plane.errors import PayloadTooLarge, UpstreamError, UpstreamUnavailable
+from data_plane.request import CONTINUE, Target, expects_continue, strip_segments
 from data_plane.router import CompiledRoute
 from data_plane.snapshot import Compiled
 from data_plane.upstream.client import HOP_BY_HOP, BodyCounter, UpstreamBrokenOff, UpstreamClient
 from data_plane.upstream.dispatch import Dispatcher, RequestBody
+from data_plane.upstream.websocket import WebSocketClient
 from shared.settings import Settings
 from shared.snapshot import Tenant
 
 log = logging.getLogger(__name__)
 
-# Never forwarded from the client: our credential, identities only the gateway may assert,
-# and values the gateway sets itself.
-_DROP_REQUEST: Final = HOP_BY_HOP | {"host", "x-api-key", "x-request-id", "expect"}
+# Never forwarded from the client: the gateway's credentials (it consumed them; an upstream
+# must trust X-Tenant-ID instead; an ``Authorization: Bearer`` is dropped in
+# ``_upstream_headers``, other schemes are the upstream's own business), identities and
+# client addresses only the gateway may assert,
+# values the gateway sets itself, method overrides (the method that was authorised is the
+# one sent) and the path overrides some frameworks honour (X-Original-URL, X-Rewrite-URL),
+# which would let a client reach a path other than the one that was authorised.
+_DROP_REQUEST: Final = HOP_BY_HOP | {
+    "host",
+    "x-api-key",
+    "x-request-id",
+    "expect",
+    "forwarded",
+    "x-real-ip",
+    "x-http-method-override",
+    "x-method-override",
+    "x-http-method",
+    "x-original-url",
+    "x-rewrite-url",
+}
 _DROP_PREFIXES: Final = ("x-tenant-", "x-consumer-", "x-forwarded-")
 _DROP_RESPONSE: Final = HOP_BY_HOP
 
 
 class Proxy:
-    def __init__(self, client: UpstreamClient, settings: Settings) -> None:
+    def __init__(self, client: UpstreamClient, settings: Settings, websockets: WebSocketClient | None = None) -> None:
         self._client = client
         self._dispatcher = Dispatcher(client)
+        self._websockets = websockets
         self._trusted = settings.trusted_proxies
 
     async def forward(
@@ -53,11 +73,13 @@ class Proxy:
         pool = snap.upstreams[route.route.id]
         raw_path = strip_segments(target.raw_path, route.strip_count) if route.route.strip_prefix else target.raw_path
         headers = self._upstream_headers(request, tenant, rid)
-        key = (
-            pool.hash_key(tenant.id if tenant is not None else None, request.remote, request.headers)
-            if pool.hash_on
-            else None
-        )
+        key = pool.hash_key(tenant.id if tenant is not None else None, request.remote, request.headers)
+        if route.route.websocket and self._websockets is not None and websocket.is_upgrade(request.headers):
+            url = self._dispatcher.choose_url(pool, raw_path, target.raw_query, key)
+            return await websocket.relay(request, self._websockets, url, headers, route.route.timeout_ms / 1000)
+        if request.body_exists and expects_continue(request.version, request.headers):
+            # Admitted: now ask the client for the body (the upstream never sees Expect).
+            await request.writer.write(CONTINUE)
         counter = BodyCounter(route.route.max_body_bytes)
         body = RequestBody(request.content, counter) if request.body_exists else None
         try:
@@ -70,6 +92,10 @@ class Proxy:
             raise
         up = exchange.response
         try:
+            if up.status < 200:
+                # A 101 (or other 1xx) as the final answer: this request was not a WebSocket
+                # upgrade (Upgrade is never forwarded on plain requests), so it is a broken upstream.
+                raise UpstreamUnavailable("the upstream switched protocols unasked", code="upstream_error")
             response = web.StreamResponse(status=up.status, reason=up.reason)
             connection_tokens = _connection_tokens(up.headers.getall("Connection", ()))
             for name, value in up.headers.items():
@@ -102,6 +128,8 @@ class Proxy:
             lowered = name.lower()
             if lowered in _DROP_REQUEST or lowered in connection_tokens or lowered.startswith(_DROP_PREFIXES):
                 continue
+            if lowered == "authorization" and _is_bearer(value):
+                continue
             out.add(name, value)
         out["X-Request-ID"] = rid
         if tenant is not None:
@@ -121,6 +149,11 @@ class Proxy:
         if host:
             out["X-Forwarded-Host"] = host
         return out
+
+
+def _is_bearer(authorization: str) -> bool:
+    scheme = authorization.split(None, 1)
+    return bool(scheme) and scheme[0].lower() == "bearer"
 
 
 def _connection_tokens(values: list[str] | tuple[str, ...]) -> frozenset[str]:

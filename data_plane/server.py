@@ -21,6 +21,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from data_plane import listener
 from data_plane.cluster import ConfigClient
 from data_plane.pipeline import Pipeline
 from data_plane.ratelimit.limiter import RateLimiter
@@ -28,16 +29,17 @@ from data_plane.ratelimit.redis import RedisBackend
 from data_plane.snapshot import Holder
 from data_plane.upstream.client import UpstreamClient
 from data_plane.upstream.health import HealthMonitor
+from data_plane.upstream.websocket import WebSocketClient
 from shared import settings as tg_settings
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# The default of TENANTGATE_DRAIN_TIMEOUT_S (settings.drain_timeout_s), which is what applies.
 DRAIN_TIMEOUT_S: Final = 10.0
 WORKER_RESTART_DELAY_S: Final = 1.0
 # A worker that dies this soon after start is broken (bad port, bad setting), not unlucky.
 EARLY_EXIT_S: Final = 3.0
-MAX_HEADER_FIELD_BYTES: Final = 16 * 1024
 
 
 def _json(status: int, payload: dict[str, Any]) -> web.Response:
@@ -94,12 +96,14 @@ async def run_worker(settings: Settings, *, reuse_port: bool) -> None:
     config = ConfigClient(settings, holder)
     config.restore_from_disk()
     limiter = RateLimiter(settings, redis)
-    pipeline = Pipeline(holder, client, settings, limiter)
+    websockets = WebSocketClient()
+    await websockets.start()
+    pipeline = Pipeline(holder, client, settings, limiter, websockets)
 
     proxy = web.ServerRunner(
-        web.Server(pipeline.handle, access_log=None, max_field_size=MAX_HEADER_FIELD_BYTES),
+        listener.proxy_server(pipeline.handle),
         handle_signals=False,
-        shutdown_timeout=DRAIN_TIMEOUT_S,
+        shutdown_timeout=settings.drain_timeout_s,
     )
     status = web.AppRunner(status_app(settings, holder, config, redis, limiter), handle_signals=False, access_log=None)
     background: list[asyncio.Task[None]] = []
@@ -142,6 +146,7 @@ async def run_worker(settings: Settings, *, reuse_port: bool) -> None:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await client.close()
+        await websockets.close()
         await redis.close()
 
 
@@ -191,7 +196,7 @@ def supervise(settings: Settings, worker_argv: list[str]) -> int:
     for proc, _ in workers.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + DRAIN_TIMEOUT_S + 2
+    deadline = time.monotonic() + settings.drain_timeout_s + 2
     for proc, _ in workers.values():
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))

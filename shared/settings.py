@@ -108,6 +108,9 @@ class Settings:
     metrics_tenant_labels: bool = False
     access_log: bool = True
     access_log_sample: float = 1.0
+    # After SIGTERM a data plane worker stops accepting and lets requests in flight finish for
+    # at most this long before it cuts them (keep it below the orchestrator's grace period).
+    drain_timeout_s: float = 10.0
     # TLS on the cluster port: the control plane's certificate and key (PEM), and the CA a
     # data plane verifies it with (a data plane with a CA never speaks plaintext).
     cluster_tls_cert: Path | None = None
@@ -338,6 +341,7 @@ _SPECS: Final[dict[str, tuple[Callable[[str], Any], str | None, str]]] = {
     "METRICS_TENANT_LABELS": (_parse_bool, "0", "1 to label data plane request metrics with tenant ids"),
     "ACCESS_LOG": (_parse_bool, "on", "on/off: one JSON line per request on the data plane's stdout"),
     "ACCESS_LOG_SAMPLE": (_parse_fraction, "1", "fraction of requests (0-1) written to the access log"),
+    "DRAIN_TIMEOUT_S": (_parse_seconds, "10", "seconds a data plane lets requests in flight finish after SIGTERM"),
     "CLUSTER_TLS_CERT": (_pem_file("cert"), None, "control plane: PEM certificate (chain) for TLS on the cluster port"),
     "CLUSTER_TLS_KEY": (_pem_file("key"), None, "control plane: PEM private key of CLUSTER_TLS_CERT"),
     "CLUSTER_TLS_CA": (

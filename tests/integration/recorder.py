@@ -123,8 +123,8 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
 
 
 async def serve(host: str, port: int) -> None:
-    server = web.Server(handle, access_log=None)
-    runner = web.ServerRunner(server, handle_signals=False)
+    server = web.Server(handle, access_log=None, auto_decompress=False)
+    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     print(f"recorder listening on http://{host}:{port}", flush=True)
