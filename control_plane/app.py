@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request, Response
 import shared
 from control_plane import metrics
 from control_plane.api import config, errors, health, issuers, keys, nodes, oauth, routes, tenants, tiers, tokens, usage
+from control_plane.api import signing_keys as signing_keys_api
 from control_plane.api.deps import AppState
 from control_plane.auth import Authenticator
 from control_plane.cluster.server import start_cluster
@@ -51,7 +52,7 @@ def create_app(state: AppState) -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     # Every admin endpoint declares the error answers it can give, so /openapi.json is true.
-    for module in (tenants, keys, issuers, oauth, routes, tiers, tokens, config, nodes, usage):
+    for module in (tenants, keys, issuers, oauth, routes, tiers, tokens, config, nodes, usage, signing_keys_api):
         app.include_router(module.router, responses=errors.ERROR_RESPONSES)
     metrics.install(app)
     app.include_router(issuers.global_router, responses=errors.ERROR_RESPONSES)

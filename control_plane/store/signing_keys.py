@@ -98,3 +98,48 @@ async def ensure_live(db: Database) -> SigningKeyRecord:
         )
     log.info("created the token signing key", extra={"kid": key.kid, "config_version": version})
     return key
+
+
+async def list_all(db: Database) -> list[SigningKeyRecord]:
+    """Every signing key, newest first; live ones have no ``retired_at``."""
+    async with db.connection() as conn:
+        rows = await conn.fetch(f"SELECT {_COLUMNS} FROM signing_keys ORDER BY created_at DESC, kid")
+    return [_record(r) for r in rows]
+
+
+async def rotate(db: Database, actor: Actor) -> tuple[SigningKeyRecord, int]:
+    """Create a new signing key, which data planes sign with from the next snapshot on. The key
+    it replaces stays live (published and accepted) so that tokens it signed keep working until
+    they expire; every older key is retired, and tokens it signed stop working."""
+    async with db.transaction() as conn:
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
+        version = await bump_version(conn)
+        pair = generate()
+        retired = await conn.fetch(
+            """UPDATE signing_keys SET retired_at = now()
+                WHERE retired_at IS NULL AND kid NOT IN (
+                    SELECT kid FROM signing_keys WHERE retired_at IS NULL ORDER BY created_at DESC, kid LIMIT 1)
+                RETURNING kid"""
+        )
+        # clock_timestamp(), not now(): the new key must sort after the one it replaces even when
+        # both were created in transactions that started in the same instant.
+        row = await conn.fetchrow(
+            f"""INSERT INTO signing_keys (kid, algorithm, private_key_pem, public_jwk, created_at)
+                VALUES ($1, $2, $3, $4::jsonb, clock_timestamp()) RETURNING {_COLUMNS}""",
+            pair.kid,
+            ALGORITHM,
+            pair.private_key_pem,
+            json.dumps(pair.public_jwk),
+        )
+        key = _record(row)
+        await record(
+            conn,
+            actor,
+            "rotate",
+            "signing_key",
+            key.kid,
+            version,
+            after={"kid": key.kid, "algorithm": key.algorithm, "retired": [r["kid"] for r in retired]},
+        )
+    log.info("rotated the token signing key", extra={"kid": key.kid, "config_version": version})
+    return key, version
