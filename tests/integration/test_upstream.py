@@ -348,6 +348,13 @@ def test_open_breaker_sends_requests_to_the_other_target(env: Env) -> None:
     assert a.hits() == 4 and b.hits() == 26
     assert statuses.count(503) == 4
 
+    # A config change to the route keeps the target's breaker: a stays cut off.
+    patched = env.cp.api("PATCH", f"/admin/routes/{env.route_ids['breaker-pick']}", {"timeout_ms": 5000})
+    assert patched.status == 200, patched.body
+    env.wait_version(patched.json()["config_version"])
+    assert [env.request("GET", f"{prefix}/x").status for _ in range(10)] == [200] * 10
+    assert a.hits() == 4 and b.hits() == 36
+
 
 # -- retries and the retry budget --------------------------------------------------------
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from multidict import CIMultiDict
+from prometheus_client import REGISTRY
 
 from data_plane.errors import ServiceUnavailable, UpstreamTimeout, UpstreamUnavailable
 from data_plane.upstream.client import BodyCounter, BodyTooLarge
@@ -196,10 +197,12 @@ async def test_no_retry_once_the_deadline_is_spent() -> None:
 
 async def test_the_budget_stops_retries_against_a_failing_upstream() -> None:
     _, client, pool, dispatcher = _setup({"a.internal": 503}, 1, retries=3)
+    exhausted = _sample("tenantgate_upstream_retry_budget_exhausted_total", route="r1")
     for _ in range(100):
         assert await _send(dispatcher, pool) == 503
     # 100 requests: retries ≤ 20 % of 100 + 3/s x 10 s = 50, where 300 were asked for.
     assert len(client.sent) == 100 + 50
+    assert _sample("tenantgate_upstream_retry_budget_exhausted_total", route="r1") > exhausted
 
 
 # -- picking ---------------------------------------------------------------------------------
@@ -265,3 +268,28 @@ async def test_a_client_body_over_the_limit_is_not_held_against_the_target() -> 
     member = pool.members[0]
     assert member.breaker is not None and member.breaker.allows(clock.now)
     assert member.endpoint.consecutive_failures == 0 and len(client.sent) == 10  # and no retries
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_tries_retries_sheds_and_breaker_changes_are_counted_in_metrics() -> None:
+    breaker = CircuitBreaker(failure_rate=0.5, min_requests=2, window_s=10, open_s=30, half_open_requests=1)
+    _, _, pool, dispatcher = _setup({"a.internal": 503, "b.internal": 503}, retries=1, circuit_breaker=breaker)
+    a = URLS[0]
+    before = {
+        "a503": _sample("tenantgate_upstream_requests_total", route="r1", target=a, result="5xx"),
+        "retries": _sample("tenantgate_upstream_retries_total", route="r1"),
+        "opened": _sample("tenantgate_upstream_breaker_transitions_total", target=a, state="open"),
+        "shed": _sample("tenantgate_upstream_shed_total", route="r1", reason="circuit_open"),
+    }
+    for _ in range(2):
+        assert await _send(dispatcher, pool) == 503  # a then b, b then a: both breakers open
+    with pytest.raises(ServiceUnavailable):
+        await _send(dispatcher, pool)
+    assert _sample("tenantgate_upstream_requests_total", route="r1", target=a, result="5xx") == before["a503"] + 2
+    assert _sample("tenantgate_upstream_retries_total", route="r1") == before["retries"] + 2
+    assert _sample("tenantgate_upstream_breaker_transitions_total", target=a, state="open") == before["opened"] + 1
+    assert _sample("tenantgate_upstream_breaker_state", target=a) == 2
+    assert _sample("tenantgate_upstream_shed_total", route="r1", reason="circuit_open") == before["shed"] + 1
