@@ -5,6 +5,9 @@ condition and a tenth with a header condition, as a multi-tenant deployment has 
 lookups mix hits of every kind (through the host/header variants too) and misses. It prints
 microseconds per ``Router.match`` for each size and the ratio: the trie's cost depends on the
 path's depth, so the ratio stays near 1 where a linear scan's would be near 1,000.
+
+A second table is the worst case for a path trie: every route on the same path ``/api/*``,
+told apart only by its tenant's hostname (``t<i>.example.com``).
 """
 
 from __future__ import annotations
@@ -55,6 +58,30 @@ def make_routes(n: int) -> list[Route]:
     return routes
 
 
+def make_host_routes(n: int) -> list[Route]:
+    return [
+        Route(
+            id=f"h{i}",
+            path="/api/*",
+            methods=("GET",),
+            upstreams=(Upstream("http://127.0.0.1:9000", 1),),
+            auth_required=True,
+            rate_limit=0,
+            timeout_ms=30_000,
+            strip_prefix=False,
+            priority=0,
+            host=f"t{i}.example.com",
+        )
+        for i in range(n)
+    ]
+
+
+def make_host_lookups(n: int, count: int, rng: random.Random) -> list[tuple[str, str, str, dict[str, str]]]:
+    return [
+        (f"/api/v1/items/{rng.randrange(1000)}", "GET", f"t{rng.randrange(n)}.example.com", {}) for _ in range(count)
+    ]
+
+
 def make_lookups(n: int, count: int, rng: random.Random) -> list[tuple[str, str, str, dict[str, str]]]:
     services = max(1, n // 3)
     lookups: list[tuple[str, str, str, dict[str, str]]] = []
@@ -76,10 +103,10 @@ def make_lookups(n: int, count: int, rng: random.Random) -> list[tuple[str, str,
     return lookups
 
 
-def measure(n: int, seed: int = 7) -> dict[str, float]:
+def measure(n: int, seed: int = 7, *, by_host: bool = False) -> dict[str, float]:
     rng = random.Random(seed)
-    router = Router(make_routes(n))
-    lookups = make_lookups(n, LOOKUPS, rng)
+    router = Router(make_host_routes(n) if by_host else make_routes(n))
+    lookups = make_host_lookups(n, LOOKUPS, rng) if by_host else make_lookups(n, LOOKUPS, rng)
     match = router.match
     hits = sum(1 for path, method, host, headers in lookups if match(path, method, host, headers) is not None)
     best = float("inf")
@@ -95,15 +122,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.router_micro", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
-    results = [measure(n) for n in SIZES]
-    ratio = results[-1]["us_per_lookup"] / results[0]["us_per_lookup"]
+    tables = {
+        "mixed": [measure(n) for n in SIZES],
+        "same_path_by_host": [measure(n, by_host=True) for n in SIZES],
+    }
+    ratios = {name: rows[-1]["us_per_lookup"] / rows[0]["us_per_lookup"] for name, rows in tables.items()}
     if args.json:
-        print(json.dumps({"results": results, "ratio": ratio}))
+        print(json.dumps({"results": tables, "ratios": ratios}))
         return 0
-    print(f"{'routes':>8}  {'µs/lookup':>10}  {'hits':>5}")
-    for r in results:
-        print(f"{int(r['routes']):>8}  {r['us_per_lookup']:>10.2f}  {r['hit_ratio']:>5.0%}")
-    print(f"ratio {SIZES[-1]:,} / {SIZES[0]:,} routes: {ratio:.2f}x (a linear scan would be ~{SIZES[-1] // SIZES[0]}x)")
+    for name, rows in tables.items():
+        print(f"{name}:")
+        print(f"{'routes':>8}  {'µs/lookup':>10}  {'hits':>5}")
+        for r in rows:
+            print(f"{int(r['routes']):>8}  {r['us_per_lookup']:>10.2f}  {r['hit_ratio']:>5.0%}")
+        print(
+            f"ratio {SIZES[-1]:,} / {SIZES[0]:,} routes: {ratios[name]:.2f}x "
+            f"(a linear scan would be ~{SIZES[-1] // SIZES[0]}x)\n"
+        )
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Lookup walks the request path's segments once, following literal children and the
 parameter child, and collecting wildcard routes passed on the way; its cost depends on the
-path's depth, not on the number of routes. A route with a ``host`` or ``headers`` only
+path's depth, not on the number of routes. Routes for an exact host are kept per host at
+each node, so thousands of tenants' hostnames on the same path cost one dict lookup. A route with a ``host`` or ``headers`` only
 matches requests that carry them (host compared without port, case-insensitively; a
 leading ``*.`` matches any subdomain; header values exactly).
 
@@ -57,11 +58,33 @@ class CompiledRoute:
 
 
 @dataclass(slots=True)
+class _Slot:
+    """Routes attached at one trie node: those for one exact host apart, the rest (no host,
+    or a ``*.`` host, checked by :meth:`CompiledRoute.matches`) together."""
+
+    any_host: list[CompiledRoute] = field(default_factory=list)
+    by_host: dict[str, list[CompiledRoute]] = field(default_factory=dict)
+
+    def add(self, compiled: CompiledRoute) -> None:
+        if compiled.host and not compiled.host.startswith("*."):
+            self.by_host.setdefault(compiled.host, []).append(compiled)
+        else:
+            self.any_host.append(compiled)
+
+    def collect(self, host: str, values: list[str], found: list[tuple[CompiledRoute, list[str]]]) -> None:
+        for compiled in self.any_host:
+            found.append((compiled, list(values)))
+        if self.by_host:
+            for compiled in self.by_host.get(host, ()):
+                found.append((compiled, list(values)))
+
+
+@dataclass(slots=True)
 class _Node:
     literals: dict[str, _Node] = field(default_factory=dict)
     param: _Node | None = None
-    here: list[CompiledRoute] = field(default_factory=list)  # patterns that end at this node
-    below: list[CompiledRoute] = field(default_factory=list)  # "/*" patterns rooted at this node
+    here: _Slot = field(default_factory=_Slot)  # patterns that end at this node
+    below: _Slot = field(default_factory=_Slot)  # "/*" patterns rooted at this node
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +144,7 @@ class Router:
                 if node.param is None:
                     node.param = _Node()
                 node = node.param
-        (node.below if wildcard else node.here).append(compiled)
+        (node.below if wildcard else node.here).add(compiled)
         self.size += 1
 
     def match(self, path: str, method: str, host: str = "", headers: Mapping[str, str] = _NO_HEADERS) -> Match | None:
@@ -152,7 +175,7 @@ class Router:
             path = path[:-1]
         segments = path[1:].split("/") if path != "/" else []
         found: list[tuple[CompiledRoute, list[str]]] = []
-        self._walk(self._root, segments, 0, [], found)
+        self._walk(self._root, segments, 0, host, [], found)
         if self.conditional:
             found = [item for item in found if item[0].matches(host, headers)]
         return found
@@ -162,22 +185,21 @@ class Router:
         node: _Node,
         segments: list[str],
         i: int,
+        host: str,
         values: list[str],
         found: list[tuple[CompiledRoute, list[str]]],
     ) -> None:
-        for compiled in node.below:
-            found.append((compiled, list(values)))
+        node.below.collect(host, values, found)
         if i == len(segments):
-            for compiled in node.here:
-                found.append((compiled, list(values)))
+            node.here.collect(host, values, found)
             return
         segment = segments[i]
         child = node.literals.get(segment)
         if child is not None:
-            self._walk(child, segments, i + 1, values, found)
+            self._walk(child, segments, i + 1, host, values, found)
         if node.param is not None and segment:
             values.append(segment)
-            self._walk(node.param, segments, i + 1, values, found)
+            self._walk(node.param, segments, i + 1, host, values, found)
             values.pop()
 
     @staticmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from data_plane.router import Router
@@ -336,3 +338,18 @@ def test_router_with_ten_thousand_routes_matches_correctly() -> None:
     assert router.match("/svc2500/health", "GET") is None
     assert router.match("/svc12/", "GET").route.route.id == "wild-12"  # type: ignore[union-attr]
     assert router.match("/svc", "GET") is None
+
+
+def test_many_hosts_on_one_path_each_get_their_own_route() -> None:
+    routes = [replace(_route(f"t{i}", "/api/*"), host=f"t{i}.example.com") for i in range(2000)]
+    routes.append(replace(_route("wild", "/api/*"), host="*.example.com"))
+    routes.append(_route("fallback", "/api/*"))
+    router = Router(routes)
+
+    def winner(host: str) -> str | None:
+        m = router.match("/api/x", "GET", host)
+        return None if m is None else m.route.route.id
+
+    assert winner("t1234.example.com") == "t1234"
+    assert winner("other.example.com") == "wild"
+    assert winner("elsewhere.org") == "fallback"
