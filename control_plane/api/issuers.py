@@ -38,6 +38,10 @@ MAX_AUDIENCE_LENGTH: Final = 512
 MAX_JWKS_URI_LENGTH: Final = 2048
 MAX_SECRET_CHARS: Final = 4096
 _LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.localdomain"})
+# The issuer of the data planes' own tokens (POST /oauth/token): data planes check tokens with
+# this ``iss`` against the gateway's signing keys only, so a tenant's issuer by that name could
+# never be used.
+RESERVED_ISSUERS: Final = frozenset({"tenantgate"})
 
 
 def check_text(value: str) -> str:
@@ -50,6 +54,8 @@ def check_issuer(value: str) -> str:
     """An issuer is matched exactly against the ``iss`` claim: any printable string, but one
     that looks like a URL must be https (http only for a loopback host, for development)."""
     check_text(value)
+    if value in RESERVED_ISSUERS:
+        raise ValueError(f"{value!r} is the gateway's own token issuer")
     if "://" not in value:
         return value
     try:

@@ -191,14 +191,14 @@ def _segment(data: str) -> dict[str, Any]:
 
 
 def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
-    scope = claims.get("scope")
-    if isinstance(scope, str):
-        return frozenset(scope.split())
-    scp = claims.get("scp")
-    if isinstance(scp, str):
-        return frozenset(scp.split())
-    if isinstance(scp, list):
-        return frozenset(s for s in scp if isinstance(s, str))
+    """``scope`` (RFC 8693: space separated) or ``scp`` (a list, as some providers send it);
+    either form is read from either claim."""
+    for name in ("scope", "scp"):
+        value = claims.get(name)
+        if isinstance(value, str):
+            return frozenset(value.split())
+        if isinstance(value, list):
+            return frozenset(s for s in value if isinstance(s, str))
     return frozenset()
 
 

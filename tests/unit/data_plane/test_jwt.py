@@ -364,3 +364,26 @@ def test_a_new_snapshot_without_the_issuer_refuses_its_cached_tokens(verifier: V
     assert verifier.verify(token).tenant == A
     next_snapshot = Verifier(ISSUERS[1:], TENANTS, {}, ())
     _refused(next_snapshot, token)
+
+
+def test_the_control_plane_refuses_tenant_issuers_named_like_the_gateway() -> None:
+    from control_plane.api.issuers import RESERVED_ISSUERS, check_issuer
+
+    assert tokens.GATEWAY_ISSUER in RESERVED_ISSUERS
+    with pytest.raises(ValueError, match="gateway"):
+        check_issuer(tokens.GATEWAY_ISSUER)
+
+
+@pytest.mark.parametrize(
+    ("claims", "scopes"),
+    [
+        ({"scope": "a b  c"}, {"a", "b", "c"}),
+        ({"scp": ["a", "b", 3]}, {"a", "b"}),
+        ({"scp": "a b"}, {"a", "b"}),
+        ({"scope": ["a"]}, {"a"}),
+        ({"scope": "a", "scp": ["b"]}, {"a"}),
+        ({}, set()),
+    ],
+)
+def test_scopes_from_scope_or_scp(verifier: Verifier, claims: dict[str, Any], scopes: set[str]) -> None:
+    assert verifier.verify(_rs256(_claims(**claims))).scopes == scopes
