@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
 from data_plane.upstream import metrics
@@ -43,8 +43,10 @@ class HealthMonitor:
         current: Callable[[], Pools | None],
         registry: Registry = REGISTRY,
         rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._client = client
+        self._sleep = sleep
         self._current = current
         self._registry = registry
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
@@ -59,9 +61,9 @@ class HealthMonitor:
                 if pools is not None and pools is not self._seen:
                     self._seen = pools
                     self.reconcile(pools)
-                await asyncio.sleep(RECONCILE_S)
+                await self._sleep(RECONCILE_S)
         finally:
-            await self._stop_all()
+            await self.stop()
 
     def reconcile(self, pools: Pools) -> None:
         self._registry.retain(pools.values())
@@ -90,7 +92,8 @@ class HealthMonitor:
             task = asyncio.create_task(self._check(endpoint, check), name=f"health-check {url}")
             self._checkers[url] = (check, endpoint, task)
 
-    async def _stop_all(self) -> None:
+    async def stop(self) -> None:
+        """Cancel every checker and wait for them to end."""
         tasks = [task for _, _, task in self._checkers.values()]
         self._checkers.clear()
         for task in tasks:
@@ -122,4 +125,4 @@ class HealthMonitor:
                         "upstream target failed its health check",
                         extra={"target": endpoint.url, "status": status, "failures": failures},
                     )
-            await asyncio.sleep(check.interval_s * (1 + JITTER * (2 * self._rng.random() - 1)))
+            await self._sleep(check.interval_s * (1 + JITTER * (2 * self._rng.random() - 1)))
