@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from control_plane.app import SHUTDOWN_GRACE_S
-from data_plane.server import DRAIN_TIMEOUT_S
 from shared import settings as tg_settings
 
 pytestmark = pytest.mark.unit
@@ -285,9 +284,10 @@ def test_data_plane_termination_covers_endpoint_removal_and_the_drain() -> None:
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
     pre_stop_s = int(command[1])
+    drain_s = tg_settings.load(environ=_environment(container)).drain_timeout_s
 
     assert pre_stop_s >= 5  # endpoint removal reaches kube-proxy and the cloud LB first
-    assert pod["terminationGracePeriodSeconds"] >= pre_stop_s + DRAIN_TIMEOUT_S + SUPERVISOR_MARGIN_S
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop_s + drain_s + SUPERVISOR_MARGIN_S
 
 
 def test_containers_have_resources_and_run_non_root_on_a_read_only_root() -> None:
