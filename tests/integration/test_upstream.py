@@ -62,7 +62,8 @@ class Env:
     def route(self, name: str, targets: list[tuple[Upstream, int]], **fields: Any) -> str:
         """A route /<name>/* over ``targets`` (upstream, weight), live on the data plane; its path prefix."""
         for upstream, _ in targets:
-            upstream.control("reset")
+            if upstream in self.upstreams:  # not the dead address of the connect-error test
+                upstream.control("reset")
         body = {
             "path": f"/{name}/*",
             "upstreams": [{"url": f"{u.url}/{name}", "weight": w} for u, w in targets],
@@ -430,6 +431,12 @@ def test_connection_refused_is_502(env: Env) -> None:
     resp = env.request("GET", "/refused/x")
 
     assert resp.status == 502 and _code(resp) == "upstream_connect_error"
+
+    # Beside a live target, with a retry: every GET is answered by the live one.
+    a, _, _ = env.upstreams
+    prefix = env.route("refused-retry", [(dead, 1), (a, 1)], retries=1)
+    statuses = [env.request("GET", f"{prefix}/x").status for _ in range(12)]
+    assert statuses == [200] * 12 and a.hits() == 12
 
 
 def test_upstream_breaking_off_mid_body_cuts_the_client_connection(env: Env) -> None:
