@@ -39,6 +39,8 @@ BACKOFF_INITIAL_S: Final = 0.2
 BACKOFF_MAX_S: Final = 10.0
 MAX_MESSAGE_BYTES: Final = 256 * 1024 * 1024
 WATCH_METHOD: Final = "/tenantgate.v1.Cluster/Watch"
+# The control plane's response header meaning "token and Hello accepted" (control_plane/cluster/watch.py).
+ACCEPTED_HEADER: Final = "tenantgate-accepted"
 # Keepalive, aligned with control_plane/cluster/watch.py: ping after 10 s of silence; the
 # control plane permits pings down to 5 s apart, so it never answers "too_many_pings".
 CHANNEL_OPTIONS: Final = [
@@ -213,9 +215,10 @@ class ConfigClient:
                 )
             )
             # The control plane sends its headers once it has accepted the token and the Hello,
-            # even when this node is already up to date and no snapshot follows.
-            await call.initial_metadata()
-            if not call.done():
+            # even when this node is already up to date and no snapshot follows. A refusal
+            # comes as trailers only, without the header.
+            headers = await call.initial_metadata()
+            if any(key == ACCEPTED_HEADER for key, _ in headers or ()):
                 self._on_connected()
             while True:
                 raw = await call.read()

@@ -37,6 +37,8 @@ from shared.settings import Secret
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S: Final = 10.0
+# Sent in the response headers once the token and Hello are accepted (data_plane/cluster.py).
+ACCEPTED_HEADER: Final = "tenantgate-accepted"
 MAX_MESSAGE_BYTES: Final = 256 * 1024 * 1024
 # Keepalive, aligned with data_plane/cluster.py: both sides ping every 10 s of silence, and
 # each permits the other's pings down to 5 s apart (gRPC closes a connection that pings more
@@ -201,7 +203,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a Hello")
         node = self._registry.connect(first.hello, context.peer())
         # Headers now tell the node it is accepted, even if it is up to date and no snapshot follows.
-        await context.send_initial_metadata(())
+        await context.send_initial_metadata(((ACCEPTED_HEADER, "1"),))
         log.info(
             "data plane connected",
             extra={"node_id": node.node_id, "peer": node.address, "last_version": node.acked_version},
