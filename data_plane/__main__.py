@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from data_plane import server
 from shared import logging as tg_logging
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     tg_settings.add_arguments(parser)
     # Internal: set by the supervisor on the workers it starts.
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--metrics-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     with tg_settings.exit_on_bad_settings():
         settings = tg_settings.load(args, require=("CLUSTER_TOKEN",))
@@ -25,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     if settings.workers > 1:
         return server.supervise(settings, ["--reuse-port"])
     try:
-        server.run_event_loop(lambda: server.run_worker(settings, reuse_port=args.reuse_port))
+        server.run_event_loop(
+            lambda: server.run_worker(settings, reuse_port=args.reuse_port, metrics_dir=args.metrics_dir)
+        )
     except OSError as exc:
         print(f"tenantgate data-plane: {exc}", file=sys.stderr)
         return 1

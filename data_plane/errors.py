@@ -19,7 +19,12 @@ pipeline turns any of them into the SPEC error body in one place (``pipeline.err
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from shared.errors import TenantgateError
+
+if TYPE_CHECKING:
+    from shared.snapshot import Tenant
 
 
 class GatewayError(TenantgateError):
@@ -27,6 +32,8 @@ class GatewayError(TenantgateError):
     code = "internal_error"
     # Extra response headers that go with this error (e.g. Retry-After).
     headers: tuple[tuple[str, str], ...] = ()
+    # The tenant the refused request came from, when it was known (its usage counts it).
+    tenant: Tenant | None = None
 
     def __init__(self, message: str, *, code: str | None = None, headers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)

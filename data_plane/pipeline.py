@@ -4,6 +4,7 @@
     target = canonicalise(raw target)            400 on anything ambiguous
     match  = snap.router.match(path, method)     404 / 405
     ident  = snap.auth.admit(headers, route)     X-API-Key | Bearer JWT: 400 / 401 / 403 (data_plane.auth)
+    limits = limiter.admit(tenant, route)        429 (503 in closed mode without Redis)
     proxy  = forward(route, target, tenant)      502 / 504
 
 Every failure is a :class:`~data_plane.errors.GatewayError`, turned into the SPEC's error
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import uuid
 from typing import Final
 
@@ -37,6 +39,7 @@ from data_plane.router import CompiledRoute, request_host
 from data_plane.snapshot import Compiled, Holder
 from data_plane.upstream.client import UpstreamClient
 from data_plane.upstream.websocket import WebSocketClient
+from data_plane.usage.recorder import ROUTE, TENANT, Recorder
 from shared.settings import Settings
 from shared.snapshot import Tenant
 
@@ -80,8 +83,10 @@ class Pipeline:
         settings: Settings,
         limiter: RateLimiter | None = None,
         websockets: WebSocketClient | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self._holder = holder
+        self._recorder = recorder
         self._proxy = Proxy(client, settings, websockets)
         self._limiter = limiter
 
@@ -108,7 +113,21 @@ class Pipeline:
             self._limiter.release(admission)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Answer one request, then record it: usage, metrics, access log (memory only)."""
+        started = time.perf_counter()
         rid = request_id(request)
+        try:
+            response = await self._answer(request, rid)
+        except BaseException:
+            # The answer broke off after it had started; aiohttp cuts the connection.
+            if self._recorder is not None:
+                self._recorder.record(request, None, request.get(ROUTE), request.get(TENANT), rid, started)
+            raise
+        if self._recorder is not None:
+            self._recorder.record(request, response, request.get(ROUTE), request.get(TENANT), rid, started)
+        return response
+
+    async def _answer(self, request: web.BaseRequest, rid: str) -> web.StreamResponse:
         snap = self._holder.current
         try:
             if snap is None:
@@ -123,10 +142,12 @@ class Pipeline:
             if match is None:
                 raise RouteNotFound("no route matches this request")
             route = match.route
+            request[ROUTE] = route
             if request.method not in route.methods:
                 raise MethodNotAllowed(snap.router.allow_header(target.path, host, headers))
             identity = snap.auth.admit(headers, target.raw_query, route)
             tenant = identity.tenant if identity is not None else None
+            request[TENANT] = tenant
             limit = route.route.max_body_bytes
             if limit and request.content_length is not None and request.content_length > limit:
                 raise PayloadTooLarge(f"the request body is larger than this route's limit of {limit} bytes")
@@ -136,4 +157,6 @@ class Pipeline:
                     return await self._forward_limited(request, snap, route, target, tenant, rid, limits)
             return await self._proxy.forward(request, snap, route, target, tenant, rid)
         except GatewayError as exc:
+            if exc.tenant is not None:
+                request[TENANT] = exc.tenant
             return error_response(exc, rid)

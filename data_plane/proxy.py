@@ -9,6 +9,7 @@ re-normalise it.
 from __future__ import annotations
 
 import logging
+import time
 from ipaddress import ip_address
 from typing import Final
 
@@ -17,6 +18,7 @@ from multidict import CIMultiDict
 
 from data_plane import websocket
 from data_plane.errors import PayloadTooLarge, UpstreamError, UpstreamUnavailable
+from data_plane.metrics import UPSTREAM_TIME
 from data_plane.request import CONTINUE, Target, expects_continue, strip_segments
 from data_plane.router import CompiledRoute
 from data_plane.snapshot import Compiled
@@ -73,7 +75,11 @@ class Proxy:
         pool = snap.upstreams[route.route.id]
         raw_path = strip_segments(target.raw_path, route.strip_count) if route.route.strip_prefix else target.raw_path
         headers = self._upstream_headers(request, tenant, rid)
-        key = pool.hash_key(tenant.id if tenant is not None else None, request.remote, request.headers)
+        key = (
+            pool.hash_key(tenant.id if tenant is not None else None, request.remote, request.headers)
+            if pool.hash_on
+            else None
+        )
         if route.route.websocket and self._websockets is not None and websocket.is_upgrade(request.headers):
             url = self._dispatcher.choose_url(pool, raw_path, target.raw_query, key)
             return await websocket.relay(request, self._websockets, url, headers, route.route.timeout_ms / 1000)
@@ -82,6 +88,7 @@ class Proxy:
             await request.writer.write(CONTINUE)
         counter = BodyCounter(route.route.max_body_bytes)
         body = RequestBody(request.content, counter) if request.body_exists else None
+        sent = time.perf_counter()
         try:
             exchange = await self._dispatcher.open(pool, request.method, raw_path, target.raw_query, headers, body, key)
         except UpstreamError:
@@ -91,6 +98,7 @@ class Proxy:
                 ) from None
             raise
         up = exchange.response
+        request[UPSTREAM_TIME] = time.perf_counter() - sent  # to response headers, retries included
         try:
             if up.status < 200:
                 # A 101 (or other 1xx) as the final answer: this request was not a WebSocket

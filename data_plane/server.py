@@ -17,11 +17,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, Final
 
 from aiohttp import web
 
-from data_plane import listener
+from data_plane import listener, metrics
 from data_plane.cluster import ConfigClient
 from data_plane.pipeline import Pipeline
 from data_plane.ratelimit.limiter import RateLimiter
@@ -30,6 +31,7 @@ from data_plane.snapshot import Holder
 from data_plane.upstream.client import UpstreamClient
 from data_plane.upstream.health import HealthMonitor
 from data_plane.upstream.websocket import WebSocketClient
+from data_plane.usage.worker import Observability
 from shared import settings as tg_settings
 from shared.settings import Settings
 
@@ -83,7 +85,7 @@ def status_app(
     return app
 
 
-async def run_worker(settings: Settings, *, reuse_port: bool) -> None:
+async def run_worker(settings: Settings, *, reuse_port: bool, metrics_dir: Path | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -98,14 +100,18 @@ async def run_worker(settings: Settings, *, reuse_port: bool) -> None:
     limiter = RateLimiter(settings, redis)
     websockets = WebSocketClient()
     await websockets.start()
-    pipeline = Pipeline(holder, client, settings, limiter, websockets)
+    observability = Observability(settings, lambda: redis.ok, metrics_dir)
+    await observability.start()
+    pipeline = Pipeline(holder, client, settings, limiter, websockets, recorder=observability.recorder)
 
     proxy = web.ServerRunner(
         listener.proxy_server(pipeline.handle),
         handle_signals=False,
         shutdown_timeout=settings.drain_timeout_s,
     )
-    status = web.AppRunner(status_app(settings, holder, config, redis, limiter), handle_signals=False, access_log=None)
+    status_web = status_app(settings, holder, config, redis, limiter)
+    status_web.router.add_get("/metrics", observability.exposition.handle)
+    status = web.AppRunner(status_web, handle_signals=False, access_log=None)
     background: list[asyncio.Task[None]] = []
     try:
         await proxy.setup()
@@ -127,6 +133,7 @@ async def run_worker(settings: Settings, *, reuse_port: bool) -> None:
                 name="upstream-health",
             ),
         ]
+        background += [asyncio.create_task(job, name=name) for name, job in observability.jobs()]
         log.info(
             "data plane worker ready",
             extra={
@@ -145,6 +152,7 @@ async def run_worker(settings: Settings, *, reuse_port: bool) -> None:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        await observability.close()  # the drained requests' usage, reported or spooled
         await client.close()
         await websockets.close()
         await redis.close()
@@ -172,6 +180,10 @@ def supervise(settings: Settings, worker_argv: list[str]) -> int:
     signal.signal(signal.SIGINT, request_stop)
     base_env = dict(os.environ)
     base_env.update(tg_settings.to_environ(settings, exclude=("NODE_ID", "WORKERS")))
+    # Workers write their metrics to files here; whichever answers a scrape merges them all.
+    metrics_dir = metrics.prepare_multiprocess_dir(settings.data_dir)
+    base_env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    worker_argv = [*worker_argv, "--metrics-dir", str(metrics_dir)]
 
     def spawn(index: int) -> tuple[subprocess.Popen[bytes], float]:
         env = dict(base_env, TENANTGATE_NODE_ID=f"{settings.node_id}-w{index}", TENANTGATE_WORKERS="1")
@@ -186,6 +198,7 @@ def supervise(settings: Settings, worker_argv: list[str]) -> int:
             code = proc.poll()
             if code is None or stopping:
                 continue
+            metrics.mark_worker_dead(proc.pid, metrics_dir)
             if time.monotonic() - started < EARLY_EXIT_S:
                 log.error("data plane worker failed at start; stopping", extra={"worker": index, "exit_code": code})
                 stopping, exit_code = True, code or 1

@@ -94,10 +94,14 @@ class Auth:
                     headers=_MISSING,
                 )
             return None
-        if not identity.tenant.is_active:
-            raise Forbidden("this tenant is inactive", code="tenant_inactive")
-        if route.tenants or route.tiers or route.scopes:
-            authorise(route, identity)
+        try:
+            if not identity.tenant.is_active:
+                raise Forbidden("this tenant is inactive", code="tenant_inactive")
+            if route.tenants or route.tiers or route.scopes:
+                authorise(route, identity)
+        except Forbidden as exc:
+            exc.tenant = identity.tenant  # refused, yet this tenant's request: its usage counts it
+            raise
         return identity
 
 

@@ -159,7 +159,9 @@ class UsageReporter:
             if not sent:
                 continue
             try:
-                ack = await self._stub().ReportUsage(iter(batches.values()), metadata=self._metadata, timeout=call_timeout_s)
+                ack = await self._stub().ReportUsage(
+                    iter(batches.values()), metadata=self._metadata, timeout=call_timeout_s
+                )
             except aio.AioRpcError as exc:
                 metrics.SEND_FAILURES.inc()
                 self._failed(exc)

@@ -77,6 +77,17 @@ def _spooled(dp: DataPlane) -> float:
     return 0.0
 
 
+def _restart(procs: Processes, cp: ControlPlane) -> ControlPlane:
+    """The control plane again, on the same ports and database (the data planes know its address)."""
+    proc = procs.spawn("control-plane", ["-m", "control_plane"], cp.proc.env)
+    wait_for(lambda: _answers_ready(cp.admin_url), what=f"control plane ready again\n{proc.log()}")
+    return ControlPlane(proc, cp.admin_url, cp.cluster_addr)
+
+
+def _answers_ready(admin_url: str) -> bool:
+    return http("GET", admin_url + "/readyz", timeout=2).status == 200
+
+
 def _exact(cp: ControlPlane, tenants: list[dict[str, Any]], sent: Counter[str], what: str) -> None:
     wait_for(lambda: _totals(cp, tenants) == dict(sent), timeout=30, what=what)
 
@@ -113,16 +124,10 @@ def test_usage_is_exact_across_control_plane_and_data_plane_restarts(
     assert outsider_usage["quota"]["used"] == 0
 
     # The control plane is killed mid-traffic: the data planes spool, then drain when it returns.
-    admin_port, cluster_port = cp.admin_url.rsplit(":", 1)[1], cp.cluster_addr.rsplit(":", 1)[1]
     cp.proc.stop(signal.SIGKILL)
     _send([dp1, dp2], tenants, 15, sent)
     wait_for(lambda: _spooled(dp1) > 0 and _spooled(dp2) > 0, what="both data planes spooling")
-    cp = start_control_plane(
-        procs,
-        database_url,
-        TENANTGATE_ADMIN_LISTEN=f"127.0.0.1:{admin_port}",
-        TENANTGATE_CLUSTER_LISTEN=f"127.0.0.1:{cluster_port}",
-    )
+    cp = _restart(procs, cp)
     _send([dp1, dp2], tenants, 5, sent)
     _exact(cp, tenants, sent, "usage after the control plane came back")
     wait_for(lambda: _spooled(dp1) == 0 and _spooled(dp2) == 0, what="spools drained")
@@ -135,12 +140,7 @@ def test_usage_is_exact_across_control_plane_and_data_plane_restarts(
     assert dp1.proc.stop(signal.SIGTERM) == 0
     assert list((dp1_dir / "usage").glob("*/*.batch")), "the stopped data plane left its batches on disk"
     dp1 = start_data_plane(procs, cp.cluster_addr, redis_url, TENANTGATE_DATA_DIR=str(dp1_dir), **FLUSH)
-    cp = start_control_plane(
-        procs,
-        database_url,
-        TENANTGATE_ADMIN_LISTEN=f"127.0.0.1:{admin_port}",
-        TENANTGATE_CLUSTER_LISTEN=f"127.0.0.1:{cluster_port}",
-    )
+    cp = _restart(procs, cp)
     _exact(cp, tenants, sent, "usage after the data plane restarted with a spool")
     wait_for(lambda: _spooled(dp1) == 0, what="restarted data plane's spool drained")
     assert not list((dp1_dir / "usage").glob("*/*.batch"))

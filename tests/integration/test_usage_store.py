@@ -34,7 +34,9 @@ async def db(database_url: str) -> AsyncIterator[Database]:
 def _record(minute: datetime, requests: int = 1, status_class: int = 2, rejected: int = 0) -> usage.Record:
     latency = [0] * BUCKET_COUNT
     latency[3] = requests
-    return usage.Record(TENANT, ROUTE, minute, status_class, requests, 0, rejected, 10 * requests, 20 * requests, latency)
+    return usage.Record(
+        TENANT, ROUTE, minute, status_class, requests, 0, rejected, 10 * requests, 20 * requests, latency
+    )
 
 
 async def _total(db: Database, unit: usage.Granularity = "day") -> int:
