@@ -98,7 +98,9 @@ class Dispatcher:
     ) -> Exchange:
         clock = self._clock
         now = clock()
-        pool.budget.record_request(now)
+        budget = pool.budget
+        if budget is not None:
+            budget.record_request(now)
         deadline = now + pool.deadline_s
         index = pool.pick(now, key)
         if index is None:
@@ -155,7 +157,7 @@ class Dispatcher:
             ):
                 tried.append(index)
                 next_index = pool.pick(now, key, tried)
-                if next_index is not None and not pool.budget.try_spend(now):
+                if next_index is not None and budget is not None and not budget.try_spend(now):
                     metrics.BUDGET_EXHAUSTED.labels(pool.route_id).inc()
                     next_index = None
             if next_index is None:

@@ -126,12 +126,15 @@ class Member:
         self.endpoint = endpoint
         self.breaker = breaker
         self.weight = weight
-        self._requests: dict[str, Counter] = {}
+        self._requests: dict[str, Counter] | None = None  # made on the first try: most routes idle
 
     def count(self, route_id: str, result: str) -> None:
-        child = self._requests.get(result)
+        children = self._requests
+        if children is None:
+            children = self._requests = {}
+        child = children.get(result)
         if child is None:
-            child = self._requests[result] = metrics.REQUESTS.labels(route_id, self.endpoint.url, result)
+            child = children[result] = metrics.REQUESTS.labels(route_id, self.endpoint.url, result)
         child.inc()
 
 
@@ -155,13 +158,16 @@ class RoutePool:
 
     def __init__(self, route: Route, registry: Registry) -> None:
         self.route_id = route.id
+        config = route.circuit_breaker
         self.members = tuple(
-            Member(
-                registry.endpoint(u.url),
-                registry.breaker(u.url, route.circuit_breaker) if route.circuit_breaker is not None else None,
-                max(1, u.weight),
-            )
-            for u in route.upstreams
+            [
+                Member(
+                    registry.endpoint(u.url),
+                    registry.breaker(u.url, config) if config is not None else None,
+                    max(1, u.weight),
+                )
+                for u in route.upstreams
+            ]
         )
         weights = [m.weight for m in self.members]
         # What consistent hashing keys on: "tenant", "ip" or "header" (+ hash_header); "" otherwise.
@@ -179,7 +185,8 @@ class RoutePool:
         self.timeout_s = route.timeout_ms / 1000
         self.timeout: aiohttp.ClientTimeout = try_timeout(self.timeout_s)
         self.deadline_s = self.timeout_s * DEADLINE_FACTOR
-        self.budget = registry.budget(route.id)
+        # Only a route that retries needs a budget (and counts its requests).
+        self.budget: RetryBudget | None = registry.budget(route.id) if route.retries else None
         self.health_check: HealthCheck | None = route.health_check
         self._latency: Histogram | None = None
 
