@@ -49,6 +49,8 @@ class UsageReporter:
         assert settings.cluster_token is not None
         self._interval = settings.usage_flush_interval_s
         self._addr = str(settings.cp_addr)
+        # TLS to the control plane exactly as the config stream does it (TENANTGATE_CLUSTER_TLS_CA).
+        self._ca = settings.cluster_tls_ca.read_bytes() if settings.cluster_tls_ca is not None else None
         self._metadata = (("authorization", f"Bearer {settings.cluster_token.reveal()}"),)
         self._node_id = settings.node_id
         self._aggregator = aggregator
@@ -185,7 +187,11 @@ class UsageReporter:
 
     def _stub(self) -> cluster_pb2_grpc.ClusterStub:
         if self._channel is None:
-            self._channel = aio.insecure_channel(self._addr, options=CHANNEL_OPTIONS)
+            if self._ca is None:
+                self._channel = aio.insecure_channel(self._addr, options=CHANNEL_OPTIONS)
+            else:
+                credentials = grpc.ssl_channel_credentials(root_certificates=self._ca)
+                self._channel = aio.secure_channel(self._addr, credentials, CHANNEL_OPTIONS)
         return cluster_pb2_grpc.ClusterStub(self._channel)
 
     def _failed(self, exc: aio.AioRpcError) -> None:
