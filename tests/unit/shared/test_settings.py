@@ -392,6 +392,14 @@ def test_to_environ_round_trips_every_setting_through_load() -> None:
         NODE_ID="dp-7",
         TRUSTED_PROXIES="10.0.0.0/8,2001:db8::/32",
         WORKERS="4",
+        USAGE_FLUSH_INTERVAL_S="0.5",
+        USAGE_SPOOL_MAX_BYTES="4096",
+        METRICS_TENANT_LABELS="1",
+        ACCESS_LOG="off",
+        ACCESS_LOG_SAMPLE="0.25",
+        DRAIN_TIMEOUT_S="10",
+        RATELIMIT_MINUTE_S="60",
+        RATELIMIT_TIMEOUT_MS="25",
     )
     original = _load(env)
     exported = settings.to_environ(original)
@@ -413,6 +421,14 @@ def test_to_environ_round_trips_every_setting_through_load() -> None:
         "TENANTGATE_NODE_ID": "dp-7",
         "TENANTGATE_TRUSTED_PROXIES": "10.0.0.0/8,2001:db8::/32",
         "TENANTGATE_WORKERS": "4",
+        "TENANTGATE_USAGE_FLUSH_INTERVAL_S": "0.5",
+        "TENANTGATE_USAGE_SPOOL_MAX_BYTES": "4096",
+        "TENANTGATE_METRICS_TENANT_LABELS": "1",
+        "TENANTGATE_ACCESS_LOG": "0",
+        "TENANTGATE_ACCESS_LOG_SAMPLE": "0.25",
+        "TENANTGATE_DRAIN_TIMEOUT_S": "10.0",
+        "TENANTGATE_RATELIMIT_MINUTE_S": "60",
+        "TENANTGATE_RATELIMIT_TIMEOUT_MS": "25",
     }
     assert _load(exported) == original
 
