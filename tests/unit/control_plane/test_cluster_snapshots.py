@@ -1,0 +1,120 @@
+"""control_plane.cluster.snapshots: versions encoded once, full snapshots by concatenation,
+deltas that bring a node exactly to the snapshot it would get whole."""
+
+from __future__ import annotations
+
+import hashlib
+
+from control_plane.cluster.snapshots import Published, build
+from control_plane.store.config import ConfigRows
+from shared import snapshot as model
+from shared._generated.tenantgate.v1 import cluster_pb2
+
+
+def tenant(i: int, active: bool = True) -> model.Tenant:
+    return model.Tenant(f"t{i}", f"tenant {i}", "free", 60, 1000, 0, 0, active)
+
+
+def key(i: int, owner: int) -> model.ApiKey:
+    return model.ApiKey(f"k{i}", f"t{owner}", hashlib.sha256(str(i).encode()).digest())
+
+
+def route(i: int, priority: int = 0) -> model.Route:
+    upstream = (model.Upstream("http://127.0.0.1:9000", 1),)
+    return model.Route(f"r{i}", f"/svc{i}/*", ("GET",), upstream, True, 0, 30000, False, priority)
+
+
+def rows(version: int, full: bool, **kinds: dict[str, object]) -> ConfigRows:
+    empty: dict[str, object] = {}
+    return ConfigRows(
+        version,
+        full,
+        kinds.get("tenants", empty),  # type: ignore[arg-type]
+        kinds.get("api_keys", empty),  # type: ignore[arg-type]
+        kinds.get("routes", empty),  # type: ignore[arg-type]
+        {},
+        {},
+        {},
+    )
+
+
+def first() -> Published:
+    return build(
+        None,
+        rows(
+            5,
+            True,
+            tenants={f"t{i}": tenant(i) for i in range(3)},
+            api_keys={f"k{i}": key(i, i % 3) for i in range(6)},
+            routes={f"r{i}": (i, route(i)) for i in range(4)},
+        ),
+    )
+
+
+def snapshot_of(published: Published) -> cluster_pb2.ConfigUpdate:
+    return cluster_pb2.ConfigUpdate.FromString(published.full())
+
+
+def test_full_update_by_concatenation_equals_the_encoded_snapshot() -> None:
+    published = first()
+    whole = snapshot_of(published)
+    expected = model.to_proto(
+        model.Snapshot(
+            version=5,
+            built_at_ms=published.catalog.built_at_ms,
+            tenants=tuple(tenant(i) for i in range(3)),
+            api_keys=tuple(key(i, i % 3) for i in range(6)),
+            routes=tuple(route(i) for i in range(4)),
+        )
+    )
+    assert whole.WhichOneof("kind") == "snapshot"
+    assert whole.snapshot == expected
+    assert published.delta is None  # the first version has nothing to be a delta from
+
+
+def test_delta_names_only_what_changed() -> None:
+    before = first()
+    after = build(
+        before.catalog,
+        rows(
+            6,
+            False,
+            tenants={"t1": tenant(1, active=False), "t2": tenant(2)},  # t2 read again but unchanged
+            api_keys={"k0": None},
+            routes={"r9": (9, route(9)), "r2": (2, route(2, priority=5)), "r3": None},
+        ),
+    )
+    assert after.delta is not None and after.from_version == 5
+    delta = cluster_pb2.ConfigUpdate.FromString(after.delta).delta
+    assert delta.from_version == 5 and delta.upserts.version == 6
+    assert [t.id for t in delta.upserts.tenants] == ["t1"]
+    assert [r.id for r in delta.upserts.routes] == ["r2", "r9"]
+    assert (list(delta.removed_api_keys), list(delta.removed_routes)) == (["k0"], ["r3"])
+    whole = snapshot_of(after).snapshot
+    assert [r.id for r in whole.routes] == ["r0", "r1", "r2", "r9"]
+    assert [k.id for k in whole.api_keys] == ["k1", "k2", "k3", "k4", "k5"]
+    assert not whole.tenants[1].is_active
+
+
+def test_a_route_back_with_an_older_seq_is_no_delta() -> None:
+    before = build(first().catalog, rows(6, False, routes={"r1": None}))
+    back = build(before.catalog, rows(7, False, routes={"r1": (1, route(1))}))
+    assert back.delta is None
+    assert [r.id for r in snapshot_of(back).snapshot.routes] == ["r0", "r1", "r2", "r3"]
+
+
+def test_full_read_after_a_gap_becomes_a_delta_by_comparison() -> None:
+    before = first()
+    again = build(
+        before.catalog,
+        rows(
+            9,
+            True,
+            tenants={f"t{i}": tenant(i) for i in range(3)},
+            api_keys={f"k{i}": key(i, i % 3) for i in range(5)},
+            routes={f"r{i}": (i, route(i)) for i in range(4)},
+        ),
+    )
+    assert again.delta is not None
+    delta = cluster_pb2.ConfigUpdate.FromString(again.delta).delta
+    assert (delta.from_version, list(delta.removed_api_keys), len(delta.upserts.tenants)) == (5, ["k5"], 0)

@@ -1,0 +1,115 @@
+"""data_plane.snapshot: a delta applied to the snapshot held gives what the whole next
+snapshot would, validated against what it touches, and reuses what it leaves alone."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from data_plane import disk
+from data_plane.snapshot import StaleBase, apply_delta, compile_objects, compile_snapshot, decode_full
+from shared import snapshot as model
+from shared._generated.tenantgate.v1 import cluster_pb2
+from shared._generated.tenantgate.v1 import snapshot_pb2 as pb
+from shared.errors import InvalidSnapshot
+
+
+def tenant(i: int, active: bool = True) -> model.Tenant:
+    return model.Tenant(f"t{i}", f"tenant {i}", "free", 60, 1000, 0, 0, active)
+
+
+def key(i: int, owner: int) -> model.ApiKey:
+    return model.ApiKey(f"k{i}", f"t{owner}", hashlib.sha256(f"key-{i}".encode()).digest())
+
+
+def route(i: int, path: str | None = None) -> model.Route:
+    upstream = (model.Upstream("http://127.0.0.1:9000", 1),)
+    return model.Route(f"r{i}", path or f"/svc{i}/*", ("GET",), upstream, True, 0, 30000, False, 0)
+
+
+BASE = model.Snapshot(
+    version=5,
+    built_at_ms=1,
+    tenants=(tenant(0), tenant(1)),
+    api_keys=(key(0, 0), key(1, 1)),
+    routes=(route(0), route(1)),
+)
+
+
+def delta(
+    *,
+    from_version: int = 5,
+    tenants: tuple[model.Tenant, ...] = (),
+    api_keys: tuple[model.ApiKey, ...] = (),
+    routes: tuple[model.Route, ...] = (),
+    **removed: list[str],
+) -> cluster_pb2.SnapshotDelta:
+    upserts = model.to_proto(model.Snapshot(6, 2, tenants, api_keys, routes))
+    return cluster_pb2.SnapshotDelta(from_version=from_version, upserts=upserts, **removed)
+
+
+def test_delta_gives_the_next_snapshot_and_reuses_what_it_leaves() -> None:
+    held = compile_snapshot(model.to_proto(BASE))
+    objects, changes = apply_delta(
+        held.objects, delta(tenants=(tenant(1, active=False),), api_keys=(key(2, 0),), removed_api_keys=["k0"])
+    )
+    compiled = compile_objects(objects, held, changes)
+    assert compiled.version == 6
+    assert compiled.router is held.router  # no route changed
+    with pytest.raises(Exception, match="invalid API key"):
+        compiled.auth.keys.lookup("key-0")
+    assert compiled.auth.keys.lookup("key-2").tenant.id == "t0"
+    assert compiled.auth.keys.lookup("key-1").tenant.is_active is False  # the tenant's change reached its key
+    assert list(objects.api_keys) == ["k1", "k2"]
+    assert objects.tenants["t1"].is_active is False
+    assert objects.keys_by_tenant == {"t0": ("k2",), "t1": ("k1",)}
+
+
+def test_route_changes_rebuild_the_router_keeping_order() -> None:
+    held = compile_snapshot(model.to_proto(BASE))
+    objects, changes = apply_delta(held.objects, delta(routes=(route(1, "/moved/*"), route(7)), removed_routes=["r0"]))
+    compiled = compile_objects(objects, held, changes)
+    assert list(objects.routes) == ["r1", "r7"]
+    assert compiled.router is not held.router
+    match = compiled.router.match("/moved/x", "GET")
+    assert match is not None and match.route.route.id == "r1"
+    assert set(compiled.upstreams) == {"r1", "r7"}
+
+
+def test_delta_on_another_version_asks_for_a_full_snapshot() -> None:
+    held = decode_full(model.to_proto(BASE))
+    with pytest.raises(StaleBase):
+        apply_delta(held, delta(from_version=4))
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (delta(api_keys=(model.ApiKey("k9", "t0", key(1, 1).key_hash),)), "unique"),
+        (delta(api_keys=(key(9, 7),)), "unknown tenant"),
+        (delta(removed_tenants=["t1"]), "still has keys"),
+        (delta(routes=(route(3, "no-slash/*"),)), "path must start with '/'"),
+    ],
+)
+def test_bad_delta_is_refused_whole(bad: cluster_pb2.SnapshotDelta, message: str) -> None:
+    held = decode_full(model.to_proto(BASE))
+    with pytest.raises(InvalidSnapshot, match=message):
+        apply_delta(held, bad)
+
+
+def test_disk_keeps_the_snapshot_and_the_deltas_since(tmp_path: Path) -> None:
+    disk.save(tmp_path, model.to_proto(BASE))
+    disk.append(tmp_path, delta(api_keys=(key(2, 0),)))
+    with (tmp_path / disk.JOURNAL_FILE).open("ab") as f:
+        f.write(b"\x00\x00\x01\x00torn")  # a crash in the middle of an append
+    loaded = disk.load(tmp_path)
+    assert loaded is not None
+    msg, deltas = loaded
+    assert isinstance(msg, pb.Snapshot) and msg.version == 5
+    assert [d.upserts.version for d in deltas] == [6]
+    objects, _ = apply_delta(decode_full(msg), deltas[0])
+    assert list(objects.api_keys) == ["k0", "k1", "k2"]
+    disk.save(tmp_path, model.to_proto(objects.snapshot()))
+    assert not (tmp_path / disk.JOURNAL_FILE).exists()
