@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from data_plane.auth.jwt import GATEWAY_AUDIENCE, GATEWAY_ISSUER, TENANT_CLAIM
 from data_plane.auth.metrics import OAUTH_TOKENS
 from data_plane.errors import MethodNotAllowed
+from data_plane.request import CONTINUE, expects_continue
 from shared.snapshot import OAuthClient, SigningKey, Tenant
 
 TOKEN_PATH: Final = "/oauth/token"  # noqa: S105 - a path, not a secret
@@ -198,6 +199,8 @@ def parse_basic(values: Sequence[str]) -> tuple[str, str] | None:
 async def _read_body(request: web.BaseRequest) -> bytes:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise OAuthError("invalid_request", f"the body is larger than {MAX_BODY_BYTES} bytes", 413)
+    if request.body_exists and expects_continue(request.version, request.headers):
+        await request.writer.write(CONTINUE)  # the declared size is acceptable: ask for the body
     body = bytearray()
     while chunk := await request.content.read(MAX_BODY_BYTES + 1 - len(body)):
         body += chunk

@@ -3,6 +3,7 @@ one node work on another, RFC 6749 errors, revocation, tenant state and signing 
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
@@ -232,3 +233,27 @@ def test_signing_key_rotation_keeps_the_previous_key_until_the_next_rotation(clu
     listed = cluster.cp.api("GET", "/admin/signing-keys").json()["items"]
     assert [k["retired_at"] is None for k in listed][:3] == [True, True, False]
     assert all("private" not in str(k).lower() and "d" not in k["public_jwk"] for k in listed)
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent(cluster: AuthCluster) -> None:
+    client = _client(cluster, cluster.tenant()["id"])
+    body = urlencode({"grant_type": "client_credentials"}).encode()
+    host, port = cluster.dp.proxy_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        head = (
+            "POST /oauth/token HTTP/1.1\r\n"
+            f"Host: {host}\r\n"
+            f"Authorization: {basic(client['client_id'], client['client_secret'])}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Expect: 100-continue\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        sock.sendall(head.encode())
+        assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert b'"access_token"' in answer
