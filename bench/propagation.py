@@ -1,0 +1,319 @@
+"""Config propagation: from the admin API's 2xx to the change being served by every data plane.
+
+    python -m bench.propagation [--changes 100] [--large-routes 10000] [--large-tenants 10000]
+                                [--large-keys 100000] [--out FILE]
+
+One control plane and three data-plane nodes (one worker each) on a fresh Postgres database
+(dropped at the end), with a Redis database number of the run's own. Measured at two sizes,
+a small config (10 routes, 10 tenants) and a large one (loaded with COPY, see bench.dataset):
+
+- propagation: ``--changes`` admin writes, alternately a new route and a new API key; for
+  each, the time from the 2xx to the moment all three nodes answer a request that needs it
+  (each node polled on its own keep-alive connection). p50, p99, max.
+- data-plane RSS at the large size.
+- a full snapshot of the large config applied by a node that already serves (from its disk
+  snapshot of the small config): its apply time, and the worst latency of a request loop on
+  that node while it applies, against the same loop's latency before.
+
+Prints JSON (and writes it to ``--out``). Not a test: the machine is shared, read ratios and
+orders of magnitude, not the last digit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from http import client as http_client
+from pathlib import Path
+from typing import Any, Final
+
+from bench import dataset
+from bench.gateway import ADMIN_TOKEN, CLUSTER_TOKEN, claim_redis, create_database, drop_database
+from bench.procs import Service, Stack, answers, free_port, http, python, wait_until
+
+POSTGRES_ADMIN_URL: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
+NODES: Final = 3
+POLL_TIMEOUT_S: Final = 60.0
+KEYS_PER_TENANT: Final = 40
+UNLIMITED: Final = {"tier": "enterprise", "rate_limit_per_minute": 10**9, "rate_limit_per_hour": 10**9}
+_APPLIED: Final = re.compile(r"snapshot applied config_version=(\d+) kind=(\w+) compile_ms=([\d.]+) apply_ms=([\d.]+)")
+
+
+@dataclass
+class Node:
+    service: Service
+    host: str
+    proxy_port: int
+    status_url: str
+    data_dir: Path
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = http("GET", self.status_url + "/status", timeout=5).json()
+        return result
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.service.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+        return 0.0
+
+    def applied(self) -> list[tuple[int, str, float, float]]:
+        """(version, kind, compile_ms, apply_ms) of every update this node logged."""
+        return [
+            (int(m[1]), m[2], float(m[3]), float(m[4]))
+            for m in _APPLIED.finditer(self.service.log_path.read_text(errors="replace"))
+        ]
+
+
+class Probe:
+    """A keep-alive HTTP connection to one node, asked one request at a time."""
+
+    def __init__(self, node: Node) -> None:
+        self._conn = http_client.HTTPConnection(node.host, node.proxy_port, timeout=30)
+
+    def get(self, path: str, key: str) -> int:
+        try:
+            self._conn.request("GET", path, headers={"X-API-Key": key})
+            resp = self._conn.getresponse()
+            resp.read()
+            return resp.status
+        except (OSError, http_client.HTTPException):
+            self._conn.close()
+            return 0
+
+
+def start_control_plane(stack: Stack, database_url: str, cluster_port: int | None = None) -> tuple[Service, str, str]:
+    admin_port, cluster_port = free_port(), cluster_port or free_port()
+    env = {
+        "TENANTGATE_DATABASE_URL": database_url,
+        "TENANTGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "TENANTGATE_CLUSTER_TOKEN": CLUSTER_TOKEN,
+        "TENANTGATE_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
+        "TENANTGATE_CLUSTER_LISTEN": f"127.0.0.1:{cluster_port}",
+        "TENANTGATE_LOG_LEVEL": "warning",
+        "TENANTGATE_LOG_FORMAT": "text",
+    }
+    service = stack.spawn("control-plane", [python(), "-m", "control_plane"], env=env)
+    admin_url = f"http://127.0.0.1:{admin_port}"
+    wait_until(service, lambda: answers(admin_url + "/readyz", 200), "control plane /readyz", timeout=120)
+    return service, admin_url, f"127.0.0.1:{cluster_port}"
+
+
+def start_node(stack: Stack, cluster_addr: str, redis_url: str, name: str, data_dir: Path, ready: bool = True) -> Node:
+    proxy_port, status_port = free_port(), free_port()
+    env = {
+        "TENANTGATE_CP_ADDR": cluster_addr,
+        "TENANTGATE_CLUSTER_TOKEN": CLUSTER_TOKEN,
+        "TENANTGATE_REDIS_URL": redis_url,
+        "TENANTGATE_PROXY_LISTEN": f"127.0.0.1:{proxy_port}",
+        "TENANTGATE_STATUS_LISTEN": f"127.0.0.1:{status_port}",
+        "TENANTGATE_DATA_DIR": str(data_dir),
+        "TENANTGATE_NODE_ID": name,
+        "TENANTGATE_WORKERS": "1",
+        "TENANTGATE_LOG_LEVEL": "info",
+        "TENANTGATE_LOG_FORMAT": "text",
+        "TENANTGATE_ACCESS_LOG": "off",
+    }
+    service = stack.spawn(name, [python(), "-m", "data_plane"], env=env)
+    node = Node(service, "127.0.0.1", proxy_port, f"http://127.0.0.1:{status_port}", data_dir)
+    wait_until(service, lambda: answers(node.status_url + ("/readyz" if ready else "/healthz")), f"{name} up", 120)
+    return node
+
+
+def api(admin_url: str, method: str, path: str, body: Any = None) -> Any:
+    answer = http(method, admin_url + path, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, json_body=body)
+    if answer.status >= 300:
+        raise RuntimeError(f"{method} {path} -> {answer.status}: {answer.body[:300]!r}")
+    return answer.json() if answer.body else None
+
+
+def _served_everywhere(probes: list[Probe], path: str, key: str) -> float:
+    """Seconds until every probe's node answers 200 (each polled in its own thread)."""
+    started = time.perf_counter()
+    done = [0.0] * len(probes)
+
+    def poll(i: int) -> None:
+        deadline = time.monotonic() + POLL_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if probes[i].get(path, key) == 200:
+                done[i] = time.perf_counter() - started
+                return
+            time.sleep(0.001)
+        raise RuntimeError(f"{path} not served within {POLL_TIMEOUT_S}s")
+
+    threads = [threading.Thread(target=poll, args=(i,)) for i in range(len(probes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return max(done)
+
+
+def measure_propagation(admin_url: str, nodes: list[Node], upstream: str, changes: int, tag: str) -> dict[str, Any]:
+    tenant = api(admin_url, "POST", "/admin/tenants", {"name": f"prop-{tag}", **UNLIMITED})
+    probes = [Probe(n) for n in nodes]
+    api(admin_url, "POST", "/admin/routes", {"path": f"/prop-{tag}/*", "upstream": upstream})
+    _served_everywhere(probes, f"/prop-{tag}/x", tenant["api_key"])
+    by_kind: dict[str, list[float]] = {"route": [], "key": []}
+    for i in range(changes):
+        if i % 2 == 0:
+            api(admin_url, "POST", "/admin/routes", {"path": f"/prop-{tag}-{i}/*", "upstream": upstream})
+            seconds = _served_everywhere(probes, f"/prop-{tag}-{i}/x", tenant["api_key"])
+            by_kind["route"].append(seconds)
+        else:
+            if i % KEYS_PER_TENANT == KEYS_PER_TENANT - 1:  # a tenant holds at most 50 live keys
+                tenant = api(admin_url, "POST", "/admin/tenants", {"name": f"prop-{tag}-{i}", **UNLIMITED})
+            key = api(admin_url, "POST", f"/admin/tenants/{tenant['id']}/keys", {})["key"]
+            seconds = _served_everywhere(probes, f"/prop-{tag}/x", key)
+            by_kind["key"].append(seconds)
+    every = by_kind["route"] + by_kind["key"]
+    return {"all": _summary(every), **{kind: _summary(v) for kind, v in by_kind.items()}}
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    ms = sorted(v * 1000 for v in values)
+    if not ms:
+        return {}
+    return {
+        "n": len(ms),
+        "p50_ms": round(statistics.median(ms), 1),
+        "p99_ms": round(ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))], 1),
+        "max_ms": round(ms[-1], 1),
+    }
+
+
+def wait_version(nodes: list[Node], version: int, timeout: float = 600) -> None:
+    for node in nodes:
+
+        def reached(node: Node = node) -> bool:
+            return int(node.status()["config_version"]) >= version
+
+        wait_until(node.service, reached, f"{node.service.name} at version {version}", timeout)
+
+
+def probe_during_full_apply(
+    stack: Stack, database_url: str, cp: Service, cluster_addr: str, redis_url: str, seed_dir: Path, path: str, key: str
+) -> dict[str, Any]:
+    """Restart the control plane (so no delta reaches back to the seed's version), start a node
+    from the small config on disk while it is down, loop requests on it, then let the control
+    plane return: the node receives the large config whole while serving."""
+    stack.stop(cp)
+    node = start_node(stack, cluster_addr, redis_url, "dp-probe", seed_dir, ready=True)
+    probe = Probe(node)
+    samples: list[tuple[float, float, int]] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            status = probe.get(path, key)
+            samples.append((t0, (time.perf_counter() - t0) * 1000, status))
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        time.sleep(2.0)  # the baseline, while the node serves from disk
+        port = int(cluster_addr.rsplit(":", 1)[1])
+        new_cp, admin_url, _ = start_control_plane(stack, database_url, cluster_port=port)
+        big = api(admin_url, "GET", "/admin/config")["version"]
+        wait_until(node.service, lambda: node.status()["config_version"] >= big, "full snapshot applied", 600)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        thread.join()
+    applied = [a for a in node.applied() if a[1] == "full"]
+    version, _, compile_ms, apply_ms = applied[-1]
+    del version
+    baseline = [lat for t, lat, _ in samples[: max(1, len(samples) // 10)]]
+    return {
+        "apply_ms": apply_ms,
+        "compile_ms": compile_ms,
+        "probe_requests": len(samples),
+        "probe_non_200": sum(1 for _, _, s in samples if s != 200),
+        "probe_baseline_p50_ms": round(statistics.median(baseline), 2),
+        "probe_worst_ms": round(max(lat for _, lat, _ in samples), 2),
+        "rss_after_mb": node.rss_mb(),
+        "new_control_plane": new_cp.pid > 0,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="tg-bench-prop-"))
+    stack = Stack(work)
+    db_name, database_url = create_database(POSTGRES_ADMIN_URL)
+    redis = claim_redis(None)
+    report: dict[str, Any] = {"nodes": NODES, "changes": args.changes}
+    try:
+        upstream_port = free_port()
+        echo = stack.spawn("echo", [python(), "-m", "shared.echo_upstream", "--listen", f"127.0.0.1:{upstream_port}"])
+        upstream = f"http://127.0.0.1:{upstream_port}"
+        wait_until(echo, lambda: answers(upstream + "/"), "echo upstream")
+        cp, admin_url, cluster_addr = start_control_plane(stack, database_url)
+        nodes = [start_node(stack, cluster_addr, redis.url, f"dp-{i}", work / f"dp-{i}") for i in range(NODES)]
+
+        small = dataset.load(database_url, upstream, routes=10, tenants=10, keys=10)
+        wait_version(nodes, small.version)
+        report["small"] = {"routes": 10, "tenants": 10, "keys": 10}
+        report["small"]["propagation"] = measure_propagation(admin_url, nodes, upstream, args.changes, "small")
+        seed = work / "seed"
+        shutil.copytree(nodes[0].data_dir, seed)
+
+        large = dataset.load(
+            database_url, upstream, routes=args.large_routes, tenants=args.large_tenants, keys=args.large_keys
+        )
+        started = time.perf_counter()
+        wait_version(nodes, large.version)
+        report["large"] = {
+            "routes": args.large_routes,
+            "tenants": args.large_tenants,
+            "keys": args.large_keys,
+            "copy_load_s": large.load_s,
+            "first_reach_all_nodes_s": round(time.perf_counter() - started, 2),
+            "first_update": [a for a in nodes[0].applied() if a[0] == large.version][-1:],
+        }
+        report["large"]["propagation"] = measure_propagation(admin_url, nodes, upstream, args.changes, "large")
+        report["large"]["dp_rss_mb"] = [n.rss_mb() for n in nodes]
+        deltas = [a[3] for a in nodes[0].applied() if a[1] == "delta" and a[0] > large.version]
+        report["large"]["delta_apply_ms"] = _summary([d / 1000 for d in deltas])
+        small_key = dataset_key(small)
+        report["large"]["full_apply"] = probe_during_full_apply(
+            stack, database_url, cp, cluster_addr, redis.url, seed, small.path, small_key
+        )
+    finally:
+        stack.stop_all()
+        drop_database(POSTGRES_ADMIN_URL, db_name)
+        redis.release()
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def dataset_key(loaded: dataset.Loaded) -> str:
+    return loaded.api_key
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.propagation", description=__doc__.splitlines()[0])
+    parser.add_argument("--changes", type=int, default=100)
+    parser.add_argument("--large-routes", type=int, default=10_000)
+    parser.add_argument("--large-tenants", type=int, default=10_000)
+    parser.add_argument("--large-keys", type=int, default=100_000)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    report = run(args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
