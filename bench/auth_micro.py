@@ -28,7 +28,7 @@ from shared import keys
 from shared.snapshot import ApiKey, JwtIssuer, OAuthClient, Route, SigningKey, Snapshot, Tenant, Upstream
 
 TOKENS = 300
-ROUNDS = 3
+ROUNDS = 7
 CACHED_CALLS = 20_000
 HS_SECRET = b"h" * 48
 
