@@ -129,7 +129,7 @@ class Dispatcher:
                 pool.record(index, ticket, False, now)
                 recorded = True
                 member.count(pool.route_id, _error_result(exc))
-                failure: UpstreamError | Exchange = exc
+                outcome: UpstreamError | Exchange = exc
             except BaseException:
                 endpoint.active -= 1
                 raise
@@ -140,9 +140,9 @@ class Dispatcher:
                 recorded = True
                 member.count(pool.route_id, _STATUS_CLASS[min(status // 100, 5)])
                 pool.observe_latency(now - started)
-                failure = Exchange(response, endpoint)
+                outcome = Exchange(response, endpoint)
                 if status not in RETRYABLE_STATUS:
-                    return failure
+                    return outcome
             finally:
                 if not recorded and breaker is not None:
                     breaker.release(ticket)
@@ -161,11 +161,11 @@ class Dispatcher:
                     metrics.BUDGET_EXHAUSTED.labels(pool.route_id).inc()
                     next_index = None
             if next_index is None:
-                if isinstance(failure, Exchange):
-                    return failure
-                raise failure
-            if isinstance(failure, Exchange):
-                failure.close()
+                if isinstance(outcome, Exchange):
+                    return outcome  # the upstream's own 502/503/504 goes to the client as it is
+                raise outcome
+            if isinstance(outcome, Exchange):
+                outcome.close()
             metrics.RETRIES.labels(pool.route_id).inc()
             index = next_index
 
