@@ -266,7 +266,10 @@ class SnapshotCache:
         self._db = db
         self._current: Published | None = None
         # Recent versions that carry a delta, oldest first, ending with the current one.
-        self._history: deque[Published] = deque()
+        # (from version, version, serialised delta) of recent versions, oldest first: only the
+        # bytes, so keeping many costs what they weigh, not a catalog each.
+        self._history: deque[tuple[int, int, bytes]] = deque()
+        self._history_bytes = 0
         self._changed = asyncio.Condition()
         self._poke = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -307,10 +310,10 @@ class SnapshotCache:
             return have, [], False
         chain: list[bytes] = []
         expected = have
-        for published in self._history:
-            if published.from_version == expected and published.delta is not None:
-                chain.append(published.delta)
-                expected = published.version
+        for from_version, version, delta in self._history:
+            if from_version == expected:
+                chain.append(delta)
+                expected = version
         if have > 0 and expected == current.version:
             return current.version, chain, False
         return current.version, [current.full()], True
@@ -359,10 +362,12 @@ class SnapshotCache:
     async def _publish(self, published: Published) -> None:
         if published.delta is None:
             self._history.clear()
-        self._history.append(published)
-        total = sum(len(p.delta or b"") for p in self._history)
-        while len(self._history) > MAX_DELTAS or (total > MAX_DELTA_BYTES and len(self._history) > 1):
-            total -= len(self._history.popleft().delta or b"")
+            self._history_bytes = 0
+        else:
+            self._history.append((published.from_version, published.version, published.delta))
+            self._history_bytes += len(published.delta)
+        while len(self._history) > MAX_DELTAS or self._history_bytes > MAX_DELTA_BYTES:
+            self._history_bytes -= len(self._history.popleft()[2])
         metrics.CONFIG_VERSION.set(published.version)
         async with self._changed:
             self._current = published

@@ -3,6 +3,7 @@ deltas that bring a node exactly to the snapshot it would get whole."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 from control_plane.cluster.snapshots import Published, build
@@ -118,3 +119,25 @@ def test_full_read_after_a_gap_becomes_a_delta_by_comparison() -> None:
     assert again.delta is not None
     delta = cluster_pb2.ConfigUpdate.FromString(again.delta).delta
     assert (delta.from_version, list(delta.removed_api_keys), len(delta.upserts.tenants)) == (5, ["k5"], 0)
+
+
+def test_a_node_gets_the_deltas_that_reach_back_to_it_else_one_full_snapshot() -> None:
+    from control_plane.cluster.snapshots import SnapshotCache
+
+    cache = SnapshotCache(db=None)  # type: ignore[arg-type]
+    v5 = first()
+    v6 = build(v5.catalog, rows(6, False, tenants={"t1": tenant(1, active=False)}))
+    v7 = build(v6.catalog, rows(7, False, api_keys={"k2": None}))
+
+    async def publish() -> None:
+        for published in (v5, v6, v7):
+            await cache._publish(published)
+
+    asyncio.run(publish())
+    assert cache.updates_for(7) == (7, [], False)
+    assert cache.updates_for(6) == (7, [v7.delta], False)
+    assert cache.updates_for(5) == (7, [v6.delta, v7.delta], False)
+    for behind in (0, 3):  # nothing held, or older than any delta kept
+        version, [whole], full = cache.updates_for(behind)
+        assert (version, full) == (7, True)
+        assert cluster_pb2.ConfigUpdate.FromString(whole).snapshot.version == 7
