@@ -73,6 +73,7 @@ def status_app(
                 "ratelimit_mode": limiter.mode,
                 "ratelimit_redis_round_trips": redis.round_trips,
                 "ratelimit_redis_commands": redis.commands,
+                "ratelimit_live_nodes": redis.live_nodes,
                 "snapshot_source": holder.source,
                 "last_error": config.status.last_error,
             },

@@ -62,6 +62,23 @@ LEASE_TTL_MS: Final = 10_000
 LEASE_RENEW_S: Final = 3.0
 LEASE_RENEW_AGE_S: Final = 1.0
 
+# Both on Redis time, like the decisions, so no two nodes' clocks need to agree.
+HEARTBEAT_SCRIPT: Final = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], 4 * tonumber(ARGV[2]))
+return redis.call('ZCARD', KEYS[1])
+"""
+RENEW_SCRIPT: Final = """
+local t = redis.call('TIME')
+local expiry = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
+return 0
+"""
+
 _Pending = tuple[tuple[Any, ...], "asyncio.Future[Any] | None"]
 
 
@@ -103,8 +120,6 @@ class RedisBackend:
         self._in_flight: set[asyncio.Task[None]] = set()
         # Leases of this worker's requests in flight: lease → (key, acquired at by the wall clock).
         self._leases: dict[str, tuple[str, float]] = {}
-        # Redis time minus our wall clock, in ms, from the last heartbeat.
-        self._offset_ms = 0.0
         self._recover_callbacks: list[Callable[[], None]] = []
         self._lease_ids = itertools.count()
 
@@ -222,18 +237,9 @@ class RedisBackend:
             metrics.FALLBACK.set(1)
 
     async def _beat(self) -> None:
-        """Heartbeat, learn Redis time and the live node count (one round trip, bounded)."""
-        now_ms = self._wall_clock() * 1000
-        pipe = self._client.pipeline(transaction=False)
-        pipe.time()
-        pipe.zadd(NODES_KEY, {self._node_id: now_ms + NODE_TTL_MS})
-        pipe.zremrangebyscore(NODES_KEY, "-inf", now_ms)
-        pipe.zcard(NODES_KEY)
-        pipe.pexpire(NODES_KEY, NODE_TTL_MS * 4)
+        """Heartbeat and learn the live node count (one round trip, bounded)."""
         async with asyncio.timeout(max(self._timeout, SOCKET_TIMEOUT_S)):
-            redis_time, _, _, live, _ = await pipe.execute()
-        seconds, micros = redis_time
-        self._offset_ms = seconds * 1000 + micros / 1000 - (now_ms + self._wall_clock() * 1000) / 2
+            live = await self._client.eval(HEARTBEAT_SCRIPT, 1, NODES_KEY, self._node_id, NODE_TTL_MS)
         self.live_nodes = max(1, int(live))
         metrics.LIVE_NODES.set(self.live_nodes)
 
@@ -259,10 +265,12 @@ class RedisBackend:
     def _renew_leases(self) -> None:
         """Push the expiry of every lease held longer than a renewal period (batched)."""
         wall = self._wall_clock()
-        expiry = wall * 1000 + self._offset_ms + LEASE_TTL_MS
+        by_key: dict[str, list[str]] = {}
         for lease, (key, acquired) in self._leases.items():
             if wall - acquired >= LEASE_RENEW_AGE_S:
-                self._submit(("ZADD", key, "XX", expiry, lease), want_reply=False)
+                by_key.setdefault(key, []).append(lease)
+        for key, leases in by_key.items():
+            self._submit(("EVAL", RENEW_SCRIPT, 1, key, LEASE_TTL_MS, *leases), want_reply=False)
 
     async def watch_health(self) -> None:
         """Keep the circuit, the heartbeat and the leases current until cancelled."""

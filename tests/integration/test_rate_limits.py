@@ -49,7 +49,8 @@ class Gateway:
         self._next = itertools.count()
 
     def tenant(self, **limits: int) -> str:
-        body = {"name": f"t-{uuid.uuid4().hex[:10]}", "tier": "enterprise", **limits}
+        # Only the limits a test names apply (no tier defaults for concurrency or quota).
+        body = {"name": f"t-{uuid.uuid4().hex[:10]}", "max_concurrency": 0, "monthly_quota": 0, **limits}
         resp = self.cp.api("POST", "/admin/tenants", body)
         assert resp.status == 201, resp.body
         self.sync(resp.json()["config_version"])

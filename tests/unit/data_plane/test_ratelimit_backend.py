@@ -56,15 +56,6 @@ def _limits(limiter: rl.RateLimiter, tenant: Tenant, route: Route | None = None)
     return limits
 
 
-# Keeps the Redis server busy for 50 ms.
-_BUSY_50_MS = """
-local t = redis.call('TIME')
-local start = t[1] * 1000000 + t[2]
-repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - start > 50000
-return 1
-"""
-
-
 def _dead_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -163,26 +154,44 @@ async def test_closed_mode_answers_503_without_redis(redis_url: str) -> None:
     assert dict(refused.value.headers) == {"Retry-After": "1"}
 
 
-async def test_a_failed_batch_opens_the_circuit_and_a_probe_closes_it(redis_url: str) -> None:
-    backend = RedisBackend(_settings(redis_url, TENANTGATE_RATELIMIT_TIMEOUT_MS="1"))
-    assert await backend.ping()
-    limiter = rl.RateLimiter(_settings(redis_url), backend)
+async def test_a_silent_redis_opens_the_circuit_within_the_timeout() -> None:
+    # A server that accepts connections and never answers: Redis hung.
+    accepted: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda _, writer: accepted.append(writer), "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    backend = RedisBackend(_settings(f"redis://127.0.0.1:{port}/0", TENANTGATE_RATELIMIT_TIMEOUT_MS="30"))
+    backend.ok = True  # as if it had answered until now
+    limiter = rl.RateLimiter(_settings(f"redis://127.0.0.1:{port}/0"), backend)
     limits = _limits(limiter, _tenant(rate_limit_per_minute=100))
-    blocker = redis.Redis.from_url(redis_url)
     try:
-        # Redis busy for 50 ms: the batch cannot answer within 1 ms.
-        busy = asyncio.get_running_loop().run_in_executor(None, blocker.eval, _BUSY_50_MS, 0)
-        await asyncio.sleep(0.01)
         with pytest.raises(LimiterUnavailable):
             await backend.decide(limits, "")
         assert not backend.ok
-        with pytest.raises(LimiterUnavailable):  # no attempt while the circuit is open
+        sent = backend.round_trips
+        with pytest.raises(LimiterUnavailable):  # while the circuit is open, nothing is sent
             await backend.decide(limits, "")
-        await busy
-        assert await backend.ping()
-        assert (await backend.decide(limits, "")).allowed
+        assert backend.round_trips == sent
+        assert limiter.mode == "local"
     finally:
-        blocker.close()
+        await backend.close()
+        for writer in accepted:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+
+
+async def test_a_probe_that_reaches_redis_closes_the_circuit(redis_url: str) -> None:
+    backend = RedisBackend(_settings(redis_url))
+    limiter = rl.RateLimiter(_settings(redis_url), backend)
+    recovered: list[bool] = []
+    backend.on_recover(lambda: recovered.append(True))
+    try:
+        assert limiter.mode == "local"
+        assert await backend.ping()
+        assert limiter.mode == "redis"
+        assert recovered == [True]
+        assert backend.live_nodes >= 1
+    finally:
         await backend.close()
 
 

@@ -1,0 +1,170 @@
+"""TENANTGATE_REDIS_CLUSTER=1 against a real three-node Redis Cluster started by this test:
+each tenant's keys share one slot, tenants spread over the nodes, and limits stay exact."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.harness import (
+    DataPlane,
+    Processes,
+    free_port,
+    http,
+    start_control_plane,
+    start_data_plane,
+    start_echo,
+    wait_for,
+)
+from tests.integration.test_rate_limits import _create_db
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
+        reason="needs redis-server and redis-cli on PATH",
+    ),
+]
+
+
+def _cli(port: int, *args: str) -> str:
+    out = subprocess.run(
+        ["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=30, check=False
+    ).stdout
+    return out
+
+
+class RedisCluster:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.ports = [free_port() for _ in range(3)]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        for port in self.ports:
+            node_dir = self.tmp / f"node-{port}"
+            node_dir.mkdir()
+            log = (node_dir / "redis.log").open("wb")
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        "redis-server",
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-port",  # the default, port + 10000, may not exist
+                        str(free_port()),
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "2000",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                    ],
+                    cwd=node_dir,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+            log.close()
+        for port in self.ports:
+            wait_for(lambda port=port: _cli(port, "PING").strip() == "PONG", timeout=10, what="cluster node up")
+        addresses = [f"127.0.0.1:{port}" for port in self.ports]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        for port in self.ports:
+            wait_for(
+                lambda port=port: "cluster_state:ok" in _cli(port, "CLUSTER", "INFO"), timeout=30, what="cluster ok"
+            )
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster_gateway(postgres_admin_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, ...]]:
+    tmp = Path(tmp_path_factory.mktemp("rate-limit-cluster"))
+    name = f"tg_test_rlc_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_create_db(postgres_admin_url, name))
+    redis = RedisCluster(tmp)
+    procs = Processes(tmp)
+    try:
+        redis.start()
+        cp = start_control_plane(procs, postgres_admin_url.rsplit("/", 1)[0] + f"/{name}")
+        dps = [
+            start_data_plane(
+                procs,
+                cp.cluster_addr,
+                f"redis://127.0.0.1:{redis.ports[0]}",
+                TENANTGATE_REDIS_CLUSTER="1",
+                TENANTGATE_RATELIMIT_TIMEOUT_MS="500",
+            )
+            for _ in range(2)
+        ]
+        for dp in dps:
+            wait_for(lambda dp=dp: dp.status()["ratelimit_mode"] == "redis", what="decided in the cluster")
+        yield cp, dps, start_echo(procs), redis
+    except BaseException:
+        print(procs.dump_logs())
+        raise
+    finally:
+        procs.stop_all()
+        redis.stop()
+        asyncio.run(_create_db(postgres_admin_url, name, drop=True))
+
+
+def test_limits_are_exact_on_a_redis_cluster(cluster_gateway: tuple[Any, ...]) -> None:
+    cp, dps, upstream, redis = cluster_gateway
+    route = cp.api("POST", "/admin/routes", {"path": "/c/*", "upstream": upstream, "rate_limit": 15})
+    assert route.status == 201
+    keys = []
+    for i in range(6):
+        resp = cp.api(
+            "POST", "/admin/tenants", {"name": f"C{i}", "rate_limit_per_minute": 10 + i, "max_concurrency": 0}
+        )
+        assert resp.status == 201
+        keys.append((resp.json()["api_key"], 10 + i))
+        version = resp.json()["config_version"]
+    for dp in dps:
+        wait_for(lambda dp=dp: dp.status()["config_version"] >= version, what="config on every node")
+
+    def get(arg: tuple[int, str]) -> tuple[str, int]:
+        n, key = arg
+        dp: DataPlane = dps[n % len(dps)]
+        return key, http("GET", dp.proxy_url + "/c/x", headers={"X-API-Key": key}, timeout=30).status
+
+    work = [(n, key) for key, limit in keys for n in range(2 * limit)]
+    with ThreadPoolExecutor(40) as pool:
+        results = list(pool.map(get, work))
+
+    assert {status for _, status in results} == {200, 429}
+    admitted = Counter(key for key, status in results if status == 200)
+    assert {key: admitted[key] for key, _ in keys} == {key: limit for key, limit in keys}
+    # The tenants' counters landed on more than one node of the cluster.
+    holding = [port for port in redis.ports if int(_cli(port, "DBSIZE").strip()) > 0]
+    assert len(holding) >= 2
