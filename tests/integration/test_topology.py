@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -84,14 +85,22 @@ def test_smoke_every_data_plane_serves_changes_made_on_either_control_plane(clus
     )
 
 
-def test_the_balancer_forwards_client_addresses_the_data_planes_trust(cluster: LocalCluster) -> None:
+def test_the_balancer_replaces_forwarding_headers_a_client_sends(cluster: LocalCluster) -> None:
     key = _tenant_and_route(cluster, "cp1", "forwarded")
     _served_by_each(cluster, "/forwarded/x", key, {"dp1", "dp2", "dp3"})
+    spoofed = {
+        "X-API-Key": key,
+        "X-Forwarded-For": "203.0.113.7",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "evil.example",
+    }
 
-    seen = http("GET", cluster.proxy_url + "/forwarded/x", headers={"X-API-Key": key}).json()["headers"]
+    seen = http("GET", cluster.proxy_url + "/forwarded/x", headers=spoofed).json()["headers"]
 
-    # HAProxy adds X-Forwarded-For: 127.0.0.1; the data plane trusts the balancer and passes it on.
-    assert seen["X-Forwarded-For"].split(",")[0].strip() == "127.0.0.1"
+    # The balancer says the client is 127.0.0.1; the data plane trusts it and adds the balancer.
+    assert seen["X-Forwarded-For"] == "127.0.0.1, 127.0.0.1"
+    assert seen["X-Forwarded-Proto"] == "http"
+    assert seen["X-Forwarded-Host"] == urlsplit(cluster.proxy_url).netloc
     assert "X-API-Key" not in seen
 
 

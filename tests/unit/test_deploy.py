@@ -425,3 +425,28 @@ def test_healthcheck_is_not_ready_when_nothing_listens() -> None:
     )
 
     assert ready is False
+
+
+def test_every_dashboard_uses_the_provisioned_datasource() -> None:
+    import json
+
+    datasources = yaml.safe_load((ROOT / "deploy" / "compose" / "grafana" / "datasources.yml").read_text())
+    (provisioned,) = datasources["datasources"]
+    dashboards = sorted((ROOT / "deploy" / "grafana").glob("*.json"))
+    assert dashboards
+
+    def refs(node: Any) -> Iterator[Any]:
+        if isinstance(node, dict):
+            if "datasource" in node:
+                yield node["datasource"]
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    for path in dashboards:
+        for ref in refs(json.loads(path.read_text())):
+            # No datasource means the default one, which is the provisioned Prometheus.
+            uid = ref.get("uid") if isinstance(ref, dict) else ref
+            assert ref is None or uid in (provisioned["uid"], provisioned["name"]), path.name
