@@ -56,6 +56,8 @@ CHANNEL_OPTIONS: Final = [
 # than the snapshot file (or past the floor, for small configs).
 JOURNAL_COMPACT_RATIO: Final = 1.0
 JOURNAL_COMPACT_FLOOR_BYTES: Final = 1024 * 1024
+# After an update this large (or a full snapshot) the live objects are frozen (gc.freeze).
+FREEZE_AFTER_OBJECTS: Final = 1000
 
 CONFIG_VERSION: Final = Gauge(
     "tenantgate_dp_config_version",
@@ -94,7 +96,8 @@ class _Applied:
 
 
 def _prepare(raw: bytes, current: Compiled | None) -> _Applied:
-    """Parse, validate and compile one update (in a worker thread)."""
+    """Parse, validate and compile one update (in a worker thread). The caller turns the
+    cyclic garbage collector off around it (see :meth:`ConfigClient._apply`)."""
     update = cluster_pb2.ConfigUpdate.FromString(raw)
     if update.HasField("delta"):
         if current is None:
@@ -103,13 +106,7 @@ def _prepare(raw: bytes, current: Compiled | None) -> _Applied:
         return _Applied(compile_objects(objects, current, changes), None, update.delta)
     if not update.HasField("snapshot"):
         raise InvalidSnapshot("the update holds neither a snapshot nor a delta")
-    # A whole config allocates millions of objects: full collections meanwhile would scan
-    # them again and again while holding the interpreter. Collected once, below.
-    gc.disable()
-    try:
-        return _Applied(compile_objects(decode_full(update.snapshot)), update, None)
-    finally:
-        gc.enable()
+    return _Applied(compile_objects(decode_full(update.snapshot)), update, None)
 
 
 class ConfigClient:
@@ -236,6 +233,18 @@ class ConfigClient:
             log.info("connected to control plane", extra={"cp_addr": self._addr})
 
     async def _apply(self, raw: bytes) -> cluster_pb2.WatchRequest:
+        # A config of 100,000 keys is millions of objects: a full collection would scan them
+        # all, holding the interpreter (and so every request) for as long, and allocating a
+        # compiled snapshot would set off several. Off while compiling; after a large update
+        # what is live is frozen out of the collector's way (snapshots hold no reference
+        # cycles: the one replaced is freed by reference counting).
+        gc.disable()
+        try:
+            return await self._apply_collector_off(raw)
+        finally:
+            gc.enable()
+
+    async def _apply_collector_off(self, raw: bytes) -> cluster_pb2.WatchRequest:
         previous = self._holder.current
         started = time.perf_counter()
         try:
@@ -259,10 +268,9 @@ class ConfigClient:
         APPLY_SECONDS.labels(kind).observe(time.perf_counter() - started)
         CONFIG_VERSION.set(compiled.version)
         self._persist(applied)
-        if applied.full is not None:
-            # The previous snapshot's objects are freed here and now by reference counting;
-            # what survives is moved out of the collector's way.
-            del previous, applied
+        large = applied.full is not None or (applied.delta is not None and _size(applied.delta) > FREEZE_AFTER_OBJECTS)
+        del previous, applied
+        if large:
             gc.freeze()
         log.info(
             "snapshot applied",
@@ -300,6 +308,19 @@ class ConfigClient:
                 log.warning("cannot save the snapshot to disk", extra={"error": str(exc)})
 
         self._saving = asyncio.ensure_future(save())
+
+
+def _size(delta: cluster_pb2.SnapshotDelta) -> int:
+    """How many objects a delta adds, changes or removes."""
+    ups = delta.upserts
+    return (
+        len(ups.tenants)
+        + len(ups.api_keys)
+        + len(ups.routes)
+        + len(delta.removed_tenants)
+        + len(delta.removed_api_keys)
+        + len(delta.removed_routes)
+    )
 
 
 def _version_of(raw: bytes) -> int:

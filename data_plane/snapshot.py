@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from data_plane.auth.apikey import KeyTable
 from data_plane.auth.stage import Auth
 from data_plane.router import Router
 from data_plane.upstream.pool import RoutePool, compile_pools
@@ -230,10 +231,26 @@ def compile_objects(objects: Objects, previous: Compiled | None = None, changes:
         changed_routes = [objects.routes[rid] for rid in changes.routes if rid in objects.routes]
         upstreams_base = {rid: t for rid, t in previous.upstreams.items() if rid not in changes.routes}
         touches_auth = changes.tenants or changes.api_keys or changes.identity
-        auth = Auth(objects.snapshot(), tenants) if touches_auth else previous.auth
+        auth = (
+            Auth(objects.snapshot(), tenants, _patched_keys(previous, objects, changes))
+            if touches_auth
+            else previous.auth
+        )
     upstreams = upstreams_base | compile_pools(changed_routes)
     compile_ms = (time.perf_counter() - started) * 1000
     return Compiled(objects.version, router, tenants, upstreams, compile_ms, auth, objects)
+
+
+def _patched_keys(previous: Compiled, objects: Objects, changes: Changes) -> KeyTable:
+    """The previous key table with the changed keys, and every key of a changed tenant (its
+    identity names the tenant), taken out and put back as they are now."""
+    affected = set(changes.api_keys)
+    for tid in changes.tenants:
+        affected.update(objects.keys_by_tenant.get(tid, ()))
+    old = previous.objects.api_keys
+    removed = [old[kid].key_hash for kid in affected if kid in old]
+    added = [objects.api_keys[kid] for kid in affected if kid in objects.api_keys]
+    return previous.auth.keys.patched(removed, added, objects.tenants)
 
 
 class Holder:

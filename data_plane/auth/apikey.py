@@ -37,6 +37,17 @@ class KeyTable:
     def __len__(self) -> int:
         return len(self._by_hash)
 
+    def patched(self, removed: Iterable[bytes], keys: Iterable[ApiKey], tenants: Mapping[str, Tenant]) -> KeyTable:
+        """This table without the ``removed`` hashes and with ``keys`` (re)added: what a snapshot
+        delta changed (data_plane/snapshot.py), at the cost of the keys it names, not of all."""
+        by_hash = dict(self._by_hash)
+        for key_hash in removed:
+            by_hash.pop(key_hash, None)
+        by_hash.update((k.key_hash, Identity(tenants[k.tenant_id], frozenset(), False, k.id)) for k in keys)
+        table = KeyTable((), tenants)
+        table._by_hash = by_hash
+        return table
+
     def lookup(self, key: str) -> Identity:
         """The identity ``key`` proves; :class:`Unauthenticated` if none.
 

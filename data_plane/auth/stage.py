@@ -34,9 +34,11 @@ class Auth:
 
     __slots__ = ("keys", "token_service", "tokens")
 
-    def __init__(self, snap: Snapshot, tenants: Mapping[str, Tenant]) -> None:
+    def __init__(self, snap: Snapshot, tenants: Mapping[str, Tenant], keys: apikey.KeyTable | None = None) -> None:
+        """``keys``: the key table when the caller has it already (patched from the previous
+        snapshot's for a delta); otherwise it is built from ``snap``."""
         clients = {c.client_id: c for c in snap.oauth_clients}
-        self.keys = apikey.KeyTable(snap.api_keys, tenants)
+        self.keys = keys if keys is not None else apikey.KeyTable(snap.api_keys, tenants)
         self.tokens = Verifier(snap.jwt_issuers, tenants, clients, snap.signing_keys)
         self.token_service = oauth.TokenService(clients, tenants, snap.signing_keys)
 
