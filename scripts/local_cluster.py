@@ -225,7 +225,8 @@ def assign_ports(topology: Topology, haproxy_cfg: str) -> None:
         service.ports = {p: _free_port() for p in sorted(container_ports(service, haproxy_cfg))}
 
 
-def _local(topology: Topology, host: str, port: int) -> str:
+def local_address(topology: Topology, host: str, port: int) -> str:
+    """Where the compose address ``host:port`` is reached here."""
     service = topology.services.get(host)
     if service is None or port not in service.ports:
         raise ClusterError(f"{host}:{port} is not a port of a service started here")
@@ -243,10 +244,10 @@ def local_environment(
         elif name == "TENANTGATE_REDIS_URL":
             value = redis_url
         elif name.endswith("_LISTEN"):
-            value = _local(topology, service.name, _listen_port(value))
+            value = local_address(topology, service.name, _listen_port(value))
         elif name == "TENANTGATE_CP_ADDR":
             host, _, port = value.rpartition(":")
-            value = _local(topology, host, int(port))
+            value = local_address(topology, host, int(port))
         elif name == "TENANTGATE_TRUSTED_PROXIES" and topology.lb_address:
             # The balancer reaches the data planes from loopback here.
             value = value.replace(topology.lb_address, "127.0.0.1")
@@ -264,13 +265,15 @@ def local_haproxy_config(topology: Topology, text: str) -> str:
         bind = re.match(r"^(\s*bind\s+)(\S+)(.*)$", line)
         server = re.match(r"^(\s*server\s+\S+\s+)([\w.-]+):(\d+)(.*)$", line)
         if bind:
-            line = f"{bind.group(1)}{_local(topology, lb.name, _listen_port(bind.group(2)))}{bind.group(3)}"
+            line = f"{bind.group(1)}{local_address(topology, lb.name, _listen_port(bind.group(2)))}{bind.group(3)}"
         elif server:
             host, port, rest = server.group(2), int(server.group(3)), server.group(4)
             check = re.search(r"\bport\s+(\d+)", rest)
             if check:
-                rest = rest.replace(check.group(0), f"port {_local(topology, host, int(check.group(1))).split(':')[1]}")
-            line = f"{server.group(1)}{_local(topology, host, port)}{rest}"
+                rest = rest.replace(
+                    check.group(0), f"port {local_address(topology, host, int(check.group(1))).split(':')[1]}"
+                )
+            line = f"{server.group(1)}{local_address(topology, host, port)}{rest}"
         out.append(line)
     return "\n".join(out) + "\n"
 
@@ -353,17 +356,23 @@ class LocalCluster:
     # addresses of what runs
     def admin_url(self, service: str) -> str:
         svc = self.topology.services[service]
-        return f"http://{_local(self.topology, service, _listen_port(svc.environment['TENANTGATE_ADMIN_LISTEN']))}"
+        return (
+            f"http://{local_address(self.topology, service, _listen_port(svc.environment['TENANTGATE_ADMIN_LISTEN']))}"
+        )
 
     def status_url(self, service: str) -> str:
         svc = self.topology.services[service]
-        return f"http://{_local(self.topology, service, _listen_port(svc.environment['TENANTGATE_STATUS_LISTEN']))}"
+        return (
+            f"http://{local_address(self.topology, service, _listen_port(svc.environment['TENANTGATE_STATUS_LISTEN']))}"
+        )
 
     @property
     def proxy_url(self) -> str:
         lb = self.topology.of_kind("lb")[0]
         dp = self.topology.of_kind("data-plane")[0]
-        return f"http://{_local(self.topology, lb.name, _listen_port(dp.environment['TENANTGATE_PROXY_LISTEN']))}"
+        return (
+            f"http://{local_address(self.topology, lb.name, _listen_port(dp.environment['TENANTGATE_PROXY_LISTEN']))}"
+        )
 
     @property
     def echo_url(self) -> str:
@@ -444,7 +453,7 @@ class LocalCluster:
         out = list(args)
         if "--listen" in out:
             at = out.index("--listen") + 1
-            out[at] = _local(self.topology, service.name, _listen_port(out[at]))
+            out[at] = local_address(self.topology, service.name, _listen_port(out[at]))
         return out
 
     def _find(self, name: str) -> Running:
@@ -495,7 +504,7 @@ class LocalCluster:
         lb = self.topology.of_kind("lb")[0]
         try:
             status, _, body = _http(
-                "GET", f"http://{_local(self.topology, lb.name, _listen_port(match.group(1)))}/stats;csv"
+                "GET", f"http://{local_address(self.topology, lb.name, _listen_port(match.group(1)))}/stats;csv"
             )
         except OSError:
             return False

@@ -13,8 +13,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 
-from scripts.local_cluster import LocalCluster, fresh_database, haproxy_binary, smoke
+from scripts.local_cluster import ROOT, LocalCluster, fresh_database, haproxy_binary, local_address, smoke
 from tests.integration.harness import http, wait_for
 
 pytestmark = [
@@ -102,6 +103,22 @@ def test_the_balancer_replaces_forwarding_headers_a_client_sends(cluster: LocalC
     assert seen["X-Forwarded-Proto"] == "http"
     assert seen["X-Forwarded-Host"] == urlsplit(cluster.proxy_url).netloc
     assert "X-API-Key" not in seen
+
+
+def test_every_target_prometheus_scrapes_serves_metrics(cluster: LocalCluster) -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = [
+        (job["job_name"], job.get("metrics_path", "/metrics"), target)
+        for job in config["scrape_configs"]
+        for static in job["static_configs"]
+        for target in static["targets"]
+    ]
+
+    for job, path, target in targets:
+        host, _, port = target.rpartition(":")
+        resp = http("GET", f"http://{local_address(cluster.topology, host, int(port))}{path}")
+        assert resp.status == 200, (job, target, resp.status)
+        assert b"# TYPE " in resp.body, (job, target)
 
 
 def test_a_data_plane_that_stops_is_taken_out_without_failing_a_request(cluster: LocalCluster) -> None:
