@@ -70,9 +70,13 @@ def proxy_server(handler: Any) -> web.Server:
 
     Request bodies are never decompressed (``auto_decompress=False``): a body goes upstream
     byte for byte with its ``Content-Encoding``, and a compressed bomb is never inflated here.
+    A client that goes away cancels its request (``handler_cancellation``), which aborts the
+    upstream exchange as Envoy resets the upstream stream: an abandoned request does not keep
+    an upstream busy until its timeout.
     """
     return _Server(
         handler,
+        handler_cancellation=True,
         access_log=None,
         auto_decompress=False,
         max_line_size=MAX_REQUEST_LINE_BYTES,

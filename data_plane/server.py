@@ -49,8 +49,15 @@ def _json(status: int, payload: dict[str, Any]) -> web.Response:
 
 
 def status_app(
-    settings: Settings, holder: Holder, config: ConfigClient, redis: RedisBackend, limiter: RateLimiter
+    settings: Settings,
+    holder: Holder,
+    config: ConfigClient,
+    redis: RedisBackend,
+    limiter: RateLimiter,
+    draining: asyncio.Event | None = None,
 ) -> web.Application:
+    """``draining`` set: the worker is shutting down, /readyz says 503 so balancers move on."""
+
     async def healthz(_: web.Request) -> web.Response:
         return _json(200, {"status": "ok"})
 
@@ -58,6 +65,9 @@ def status_app(
         current = holder.current
         if current is None:
             body = {"error": {"code": "not_ready", "message": "no configuration loaded yet", "request_id": ""}}
+            return _json(503, body)
+        if draining is not None and draining.is_set():
+            body = {"error": {"code": "draining", "message": "shutting down", "request_id": ""}}
             return _json(503, body)
         return _json(200, {"status": "ready", "config_version": current.version})
 
@@ -110,7 +120,7 @@ async def run_worker(settings: Settings, *, reuse_port: bool, metrics_dir: Path 
         handle_signals=False,
         shutdown_timeout=settings.drain_timeout_s,
     )
-    status_web = status_app(settings, holder, config, redis, limiter)
+    status_web = status_app(settings, holder, config, redis, limiter, draining=stop)
     status_web.router.add_get("/metrics", observability.exposition.handle)
     status = web.AppRunner(status_web, handle_signals=False, access_log=None)
     background: list[asyncio.Task[None]] = []
@@ -146,6 +156,7 @@ async def run_worker(settings: Settings, *, reuse_port: bool, metrics_dir: Path 
         )
         await stop.wait()
         log.info("data plane worker draining", extra={"node_id": settings.node_id})
+        websockets.begin_shutdown()  # open WebSockets are closed with 1001 rather than cut
     finally:
         # Stop accepting, let in-flight requests finish (bounded), then drop the rest.
         await proxy.cleanup()

@@ -12,7 +12,8 @@ credentials, access rules, limits), exactly like any request. Then:
 4. a close from either side is passed to the other with its code and reason; a side that
    vanishes without a close frame gets the other closed with 1001 (client gone) or 1014
    (upstream gone, "bad gateway"); no message either way for the route's ``timeout_ms``
-   closes both with 1001 "idle timeout" (as nginx's read timeout does for Kong).
+   closes both with 1001 "idle timeout" (as nginx's read timeout does for Kong); a worker that
+   starts draining closes both with 1001 "going away".
 
 An ``Upgrade`` on a route without ``websocket: true`` is not refused: like any hop-by-hop
 header it is dropped and the request is proxied as plain HTTP (RFC 9110 §7.8 lets a server
@@ -79,30 +80,37 @@ async def relay(
             max_msg_size=MAX_MESSAGE_BYTES,
         )
         await downstream.prepare(request)
-        await _bridge(downstream, upstream, idle_timeout_s)
+        await _bridge(downstream, upstream, idle_timeout_s, client.shutting_down)
         return downstream
     finally:
         if not upstream.closed:
             await upstream.close(code=WSCloseCode.GOING_AWAY)
 
 
-async def _bridge(downstream: web.WebSocketResponse, upstream: UpstreamWebSocket, idle_timeout_s: float) -> None:
+async def _bridge(
+    downstream: web.WebSocketResponse,
+    upstream: UpstreamWebSocket,
+    idle_timeout_s: float,
+    shutting_down: asyncio.Event,
+) -> None:
     loop = asyncio.get_running_loop()
     last_activity = [loop.time()]
     from_client = asyncio.create_task(_pump(downstream, upstream, last_activity))
     from_upstream = asyncio.create_task(_pump(upstream, downstream, last_activity))
+    shutdown = asyncio.create_task(shutting_down.wait())
     pumps = {from_client, from_upstream}
     try:
         while True:
             remaining = last_activity[0] + idle_timeout_s - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or shutdown.done():
+                why = b"idle timeout" if remaining <= 0 else b"going away"
                 await asyncio.gather(
-                    downstream.close(code=WSCloseCode.GOING_AWAY, message=b"idle timeout"),
-                    upstream.close(code=WSCloseCode.GOING_AWAY, message=b"idle timeout"),
+                    downstream.close(code=WSCloseCode.GOING_AWAY, message=why),
+                    upstream.close(code=WSCloseCode.GOING_AWAY, message=why),
                 )
                 return
-            done, _ = await asyncio.wait(pumps, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            if done:
+            done, _ = await asyncio.wait({*pumps, shutdown}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            if done & pumps:
                 break
         if from_client in done:
             closed_by = _outcome(from_client)
@@ -116,9 +124,9 @@ async def _bridge(downstream: web.WebSocketResponse, upstream: UpstreamWebSocket
             await downstream.close(code=code, message=reason.encode())
             await upstream.close(code=code, message=reason.encode())
     finally:
-        for task in pumps:
+        for task in (*pumps, shutdown):
             task.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
+        await asyncio.gather(*pumps, shutdown, return_exceptions=True)
 
 
 def _outcome(task: asyncio.Task[tuple[int, str] | None]) -> tuple[int, str] | None:

@@ -30,6 +30,11 @@ class WebSocketClient:
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        # Set when the worker starts to drain: relays close their connections with 1001.
+        self.shutting_down = asyncio.Event()
+
+    def begin_shutdown(self) -> None:
+        self.shutting_down.set()
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(

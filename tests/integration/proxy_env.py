@@ -32,6 +32,7 @@ class ProxyEnv:
     dp: DataPlane
     procs: Processes
     upstream: str  # the recorder's base URL
+    redis_url: str
 
     @property
     def port(self) -> int:
@@ -59,6 +60,14 @@ class ProxyEnv:
             result: list[dict[str, Any]] = json.loads(resp.read())
             return result
 
+    def with_data_plane(self, **dp_settings: str) -> ProxyEnv:
+        """Another data plane on the same control plane and upstream, synced to its config
+        (for tests that must stop one). The caller stops it; the module's teardown does too."""
+        dp = start_data_plane(self.procs, self.cp.cluster_addr, self.redis_url, **dp_settings)
+        other = ProxyEnv(self.cp, dp, self.procs, self.upstream, self.redis_url)
+        other.sync(int(self.dp.status()["config_version"]))
+        return other
+
     def seen(self, marker: str) -> list[dict[str, Any]]:
         """Requests the upstream received whose target contains ``marker``."""
         return [entry for entry in self.recorded() if marker in entry["target"]]
@@ -81,7 +90,7 @@ def proxy_env(postgres_admin_url: str, redis_url: str, tmp: Path, **dp_settings:
     try:
         cp = start_control_plane(procs, _with_database(postgres_admin_url, name))
         dp = start_data_plane(procs, cp.cluster_addr, redis_url, **dp_settings)
-        yield ProxyEnv(cp, dp, procs, start_recorder(procs))
+        yield ProxyEnv(cp, dp, procs, start_recorder(procs), redis_url)
     except BaseException:
         print(procs.dump_logs())
         raise

@@ -98,6 +98,8 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
     entry["body_bytes"] = size
     if "sleep" in query:
         await asyncio.sleep(float(query["sleep"]))
+        # Whether the gateway gave up on this exchange (closed the connection) meanwhile.
+        entry["aborted"] = request.transport is None or request.transport.is_closing()
     if "bytes" in query:
         total = int(query["bytes"])
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})

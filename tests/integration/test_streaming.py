@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.harness import wait_for
 from tests.integration.proxy_env import ProxyEnv, proxy_env
 from tests.integration.rawhttp import exchange
 
@@ -222,3 +223,16 @@ def test_expect_continue_gets_100_then_the_answer(env: Env) -> None:
     assert final.startswith(b"HTTP/1.1 200")
     (entry,) = env.proxy.seen("case=continue")
     assert entry["body_bytes"] == 5
+
+
+def test_client_going_away_aborts_the_upstream_exchange(env: Env) -> None:
+    with socket.create_connection(("127.0.0.1", env.proxy.port), timeout=10) as sock:
+        sock.sendall(_head("GET", "/stream/slow?sleep=1&case=abandoned", env.key))
+        wait_for(lambda: env.proxy.seen("case=abandoned"), timeout=10, what="the request to reach the upstream")
+    # The client is gone before the upstream answers: the gateway must drop the upstream side.
+    entry = wait_for(
+        lambda: next((e for e in env.proxy.seen("case=abandoned") if "aborted" in e), None),
+        timeout=10,
+        what="the upstream to finish its sleep",
+    )
+    assert entry["aborted"] is True
