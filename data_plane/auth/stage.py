@@ -48,7 +48,7 @@ class Auth:
         try:
             return self._admit(headers, raw_query, route)
         except (BadRequest, Unauthenticated, Forbidden) as exc:
-            AUTH_FAILURES.labels("bearer" if "Authorization" in headers else "api_key", exc.code).inc()
+            AUTH_FAILURES.labels(_credential_kind(headers), exc.code).inc()
             raise
 
     def _admit(self, headers: CIMultiDictProxy[str], raw_query: str, route: CompiledRoute) -> Identity | None:
@@ -105,6 +105,12 @@ class Auth:
             exc.tenant = identity.tenant  # refused, yet this tenant's request: its usage counts it
             raise
         return identity
+
+
+def _credential_kind(headers: CIMultiDictProxy[str]) -> str:
+    """The metrics label for what a refused request brought (never the credential itself)."""
+    key, bearer = apikey.HEADER in headers, "Authorization" in headers
+    return "both" if key and bearer else "api_key" if key else "bearer" if bearer else "none"
 
 
 def authorise(route: CompiledRoute, identity: Identity) -> None:

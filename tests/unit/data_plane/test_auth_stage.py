@@ -174,3 +174,26 @@ def test_every_required_scope_is_needed(auth: Auth) -> None:
         ("WWW-Authenticate", 'Bearer realm="tenantgate", error="insufficient_scope", scope="read write"'),
     )
     assert _refused(auth, "/scoped", ("X-API-Key", KEY["a"])).code == "insufficient_scope"
+
+
+def test_refusals_are_counted_by_credential_kind_and_code(auth: Auth) -> None:
+    from prometheus_client import REGISTRY
+
+    def count(kind: str, code: str) -> float:
+        value = REGISTRY.get_sample_value("tenantgate_auth_failures_total", {"credential": kind, "code": code})
+        return value or 0.0
+
+    before = (
+        count("none", "missing_credentials"),
+        count("api_key", "invalid_api_key"),
+        count("both", "conflicting_credentials"),
+    )
+    _refused(auth, "/strict")
+    _refused(auth, "/strict", ("X-API-Key", "tg_wrong"))
+    _refused(auth, "/strict", ("X-API-Key", KEY["b"]), ("Authorization", f"Bearer {_token()}"))
+    after = (
+        count("none", "missing_credentials"),
+        count("api_key", "invalid_api_key"),
+        count("both", "conflicting_credentials"),
+    )
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
