@@ -487,3 +487,32 @@ def test_hostile_request(env: Env, case: Case) -> None:
         case.check(env, resp, seen)
     for extra in case.extra_markers:
         assert env.proxy.seen(marker + extra) == []
+
+
+def test_forwarded_headers_from_a_trusted_proxy_are_kept_and_extended(env: Env) -> None:
+    trusted = env.proxy.with_data_plane(TENANTGATE_TRUSTED_PROXIES="127.0.0.0/8")
+    try:
+        resp = exchange(
+            trusted.port,
+            raw(
+                "GET",
+                "/sec/x?case=trusted-forwarding",
+                [
+                    ("Host", "gateway.test"),
+                    ("X-API-Key", env.key_a),
+                    ("X-Forwarded-For", "203.0.113.7"),
+                    ("X-Forwarded-Proto", "https"),
+                    ("X-Forwarded-Host", "api.example.com"),
+                    ("X-Real-IP", "10.0.0.1"),
+                ],
+            ),
+        )
+    finally:
+        trusted.dp.proc.stop()
+
+    assert resp.status == 200
+    headers = only(env.proxy.seen("case=trusted-forwarding"))
+    assert headers["x-forwarded-for"] == ["203.0.113.7, 127.0.0.1"]
+    assert headers["x-forwarded-proto"] == ["https"]
+    assert headers["x-forwarded-host"] == ["api.example.com"]
+    assert "x-real-ip" not in headers
