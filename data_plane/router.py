@@ -3,9 +3,11 @@
 Lookup walks the request path's segments once, following literal children and the
 parameter child, and collecting wildcard routes passed on the way; its cost depends on the
 path's depth, not on the number of routes. Routes for an exact host are kept per host at
-each node, so thousands of tenants' hostnames on the same path cost one dict lookup. A route with a ``host`` or ``headers`` only
-matches requests that carry them (host compared without port, case-insensitively; a
-leading ``*.`` matches any subdomain; header values exactly).
+each node, so thousands of tenants' hostnames on the same path cost one dict lookup.
+
+A route with a ``host`` or ``headers`` only matches requests that carry them (host compared
+without port, case-insensitively; a leading ``*.`` matches any subdomain; header values
+exactly).
 
 Among matching routes the most specific wins: exact > parameter > wildcard, then the longer
 literal prefix, then the higher ``priority``, then the route with more host/header
@@ -78,6 +80,18 @@ class _Slot:
             for compiled in self.by_host.get(host, ()):
                 found.append((compiled, list(values)))
 
+    def copy(self) -> _Slot:
+        return _Slot(list(self.any_host), {host: list(routes) for host, routes in self.by_host.items()})
+
+    def remove(self, compiled: CompiledRoute) -> None:
+        if compiled.host and not compiled.host.startswith("*."):
+            routes = self.by_host[compiled.host]
+            routes[:] = [c for c in routes if c is not compiled]
+            if not routes:
+                del self.by_host[compiled.host]
+        else:
+            self.any_host[:] = [c for c in self.any_host if c is not compiled]
+
 
 @dataclass(slots=True)
 class _Node:
@@ -85,6 +99,9 @@ class _Node:
     param: _Node | None = None
     here: _Slot = field(default_factory=_Slot)  # patterns that end at this node
     below: _Slot = field(default_factory=_Slot)  # "/*" patterns rooted at this node
+
+    def copy(self) -> _Node:
+        return _Node(dict(self.literals), self.param, self.here.copy(), self.below.copy())
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +128,62 @@ class Router:
         self._root = _Node()
         self.size = 0
         self.conditional = False  # any route with host/header conditions
+        self._by_id: dict[str, CompiledRoute] = {}
         for order, route in enumerate(routes):
             self._add(route, order)
+        self._next_order = self.size
+
+    def with_changes(self, upserted: Iterable[Route], removed: Iterable[str]) -> Router:
+        """A router without the ``removed`` route ids and with ``upserted`` routes added or
+        replaced: a replaced route keeps its place in the order, a new one comes after all
+        others, as if the whole list were compiled again. Only the trie nodes on the changed
+        routes' paths are copied; this router is left untouched (it may be serving requests
+        in another thread meanwhile)."""
+        new = Router(())
+        new._root, new.size, new.conditional = self._root, self.size, self.conditional
+        new._by_id, new._next_order = dict(self._by_id), self._next_order
+        owned: set[int] = set()
+        routes = list({r.id: r for r in upserted}.values())  # an id given twice: the last wins
+        orders: dict[str, int] = {}
+        for rid in [*removed, *(r.id for r in routes)]:
+            compiled = new._by_id.pop(rid, None)
+            if compiled is not None:
+                segments = compiled.pattern.segments
+                wildcard = bool(segments) and segments[-1][0] == patterns.WILDCARD
+                node = new._own(segments[:-1] if wildcard else segments, owned)
+                (node.below if wildcard else node.here).remove(compiled)
+                new.size -= 1
+                orders[rid] = compiled.rank[-1]
+        for route in routes:
+            order = orders.get(route.id)
+            if order is None:
+                order, new._next_order = new._next_order, new._next_order + 1
+            segments = patterns.parse(route.path).segments
+            wildcard = bool(segments) and segments[-1][0] == patterns.WILDCARD
+            new._own(segments[:-1] if wildcard else segments, owned)
+            new._add(route, order)
+        return new
+
+    def _own(self, segments: Iterable[tuple[int, str]], owned: set[int]) -> _Node:
+        """Copy the nodes along ``segments`` that this router still shares, so that changing
+        them changes no other router; returns the last one."""
+        if id(self._root) not in owned:
+            self._root = self._root.copy()
+            owned.add(id(self._root))
+        node = self._root
+        for kind, text in segments:
+            child = node.literals.get(text) if kind == patterns.LITERAL else node.param
+            if child is None:
+                return node  # the rest is new: _add creates it
+            if id(child) not in owned:
+                child = child.copy()
+                owned.add(id(child))
+                if kind == patterns.LITERAL:
+                    node.literals[text] = child
+                else:
+                    node.param = child
+            node = child
+        return node
 
     def _add(self, route: Route, order: int) -> None:
         pattern = patterns.parse(route.path)
@@ -145,6 +216,7 @@ class Router:
                     node.param = _Node()
                 node = node.param
         (node.below if wildcard else node.here).add(compiled)
+        self._by_id[route.id] = compiled
         self.size += 1
 
     def match(self, path: str, method: str, host: str = "", headers: Mapping[str, str] = _NO_HEADERS) -> Match | None:
