@@ -87,6 +87,15 @@ def _backend_servers(backend: str) -> list[tuple[str, str, int, str]]:
     ]
 
 
+def _backend_check(backend: str) -> str:
+    """The path of a backend's HTTP health check."""
+    section = re.search(rf"^backend {backend}\n(.*?)(?=^\S|\Z)", _haproxy(), re.MULTILINE | re.DOTALL)
+    assert section, f"no backend {backend}"
+    check = re.search(r"^\s*option httpchk GET (\S+)", section.group(1), re.MULTILINE)
+    assert check, f"backend {backend} has no HTTP health check"
+    return check.group(1)
+
+
 def _frontend_bind(frontend: str) -> int:
     section = re.search(rf"^frontend {frontend}\n(.*?)(?=^\S|\Z)", _haproxy(), re.MULTILINE | re.DOTALL)
     assert section, f"no frontend {frontend}"
@@ -234,7 +243,8 @@ def test_load_balancer_sends_proxy_traffic_to_every_data_plane_checking_readines
         assert name == host
         assert port == _port(env["TENANTGATE_PROXY_LISTEN"])
         assert f"port {_port(env['TENANTGATE_STATUS_LISTEN'])}" in options
-    assert "option httpchk GET /readyz" in _haproxy()
+    # Traffic only to nodes holding a snapshot.
+    assert _backend_check("data_planes") == "/readyz"
     assert _frontend_bind("proxy") == 8000
 
 
@@ -250,6 +260,8 @@ def test_data_planes_reach_every_control_plane_through_the_load_balancer() -> No
         assert f"port {_port(env['TENANTGATE_ADMIN_LISTEN'])}" in options
     for name, service in _ours("data-plane").items():
         assert _environment(service)["TENANTGATE_CP_ADDR"] == f"lb:{cluster_bind}", name
+    # Streams are served from the snapshot cache while Postgres is down: liveness, not readiness.
+    assert _backend_check("control_planes_cluster") == "/healthz"
 
 
 def test_admin_api_is_balanced_over_every_control_plane() -> None:
@@ -259,6 +271,7 @@ def test_admin_api_is_balanced_over_every_control_plane() -> None:
     assert {host for _, host, _, _ in servers} == set(cps)
     for _, host, port, _ in servers:
         assert port == _port(_environment(cps[host])["TENANTGATE_ADMIN_LISTEN"])
+    assert _backend_check("control_planes_admin") == "/readyz"  # the admin API needs Postgres
     assert "127.0.0.1:8001:8001" in _services()["lb"]["ports"]
 
 

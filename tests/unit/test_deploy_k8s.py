@@ -189,6 +189,21 @@ def test_data_planes_reach_the_control_plane_service_on_its_cluster_port() -> No
 
     assert _role(deployment) == "control-plane"
     assert port["targetPort"] == "cluster"
+    # A replica whose Postgres is down is not ready but still serves streams from its cache.
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["cluster"]
+
+
+def test_the_admin_service_sends_only_to_ready_control_planes() -> None:
+    cp = _by_role("control-plane")
+    (admin,) = [
+        s
+        for s in _resources()
+        if s["kind"] == "Service" and any(p["targetPort"] == "admin" for p in s["spec"]["ports"])
+    ]
+
+    assert _selected(admin["spec"]["selector"]) == [cp]
+    assert not admin["spec"].get("publishNotReadyAddresses", False)
 
 
 # --- settings and secrets ---
