@@ -227,8 +227,10 @@ def compile_objects(objects: Objects, previous: Compiled | None = None, changes:
         upstreams_base: dict[str, RoutePool] = {}
         auth = Auth(objects.snapshot(), tenants)
     else:
-        router = Router(objects.routes.values()) if changes.routes else previous.router
-        changed_routes = [objects.routes[rid] for rid in changes.routes if rid in objects.routes]
+        # In snapshot order: new routes come after all others, as in a rebuild.
+        changed_routes = [r for rid, r in objects.routes.items() if rid in changes.routes] if changes.routes else []
+        gone = [rid for rid in changes.routes if rid not in objects.routes]
+        router = previous.router.with_changes(changed_routes, gone) if changes.routes else previous.router
         upstreams_base = {rid: t for rid, t in previous.upstreams.items() if rid not in changes.routes}
         touches_auth = changes.tenants or changes.api_keys or changes.identity
         auth = (
