@@ -290,6 +290,7 @@ def test_data_planes_autoscale_and_keep_a_budget() -> None:
         "name": dp["metadata"]["name"],
     }
     assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    assert "replicas" not in dp["spec"]  # or every `kubectl apply` would undo the autoscaler
     assert pdb["spec"]["maxUnavailable"] == 1
 
 
