@@ -51,7 +51,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from shared.embedded import die_with_parent
+from shared.embedded import die_with_parent, free_port
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 COMPOSE_FILE: Final = ROOT / "docker-compose.yml"
@@ -211,18 +211,9 @@ def container_ports(service: Service, haproxy_cfg: str) -> set[int]:
     return set()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def assign_ports(topology: Topology, haproxy_cfg: str) -> None:
     for service in topology.services.values():
-        service.ports = {p: _free_port() for p in sorted(container_ports(service, haproxy_cfg))}
+        service.ports = {p: free_port() for p in sorted(container_ports(service, haproxy_cfg))}
 
 
 def local_address(topology: Topology, host: str, port: int) -> str:

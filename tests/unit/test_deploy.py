@@ -463,3 +463,21 @@ def test_every_dashboard_uses_the_provisioned_datasource() -> None:
             # No datasource means the default one, which is the provisioned Prometheus.
             uid = ref.get("uid") if isinstance(ref, dict) else ref
             assert ref is None or uid in (provisioned["uid"], provisioned["name"]), path.name
+
+
+def test_the_local_cluster_runs_the_compose_balancer_config_with_only_addresses_changed() -> None:
+    from scripts.local_cluster import assign_ports, load_topology, local_haproxy_config
+
+    topology = load_topology()
+    assign_ports(topology, _haproxy())
+    local = local_haproxy_config(topology, _haproxy())
+
+    for original, rewritten in zip(_haproxy().splitlines(), local.splitlines(), strict=True):
+        if re.match(r"\s*bind\s", original):
+            assert re.fullmatch(r"\s*bind 127\.0\.0\.1:\d+", rewritten), rewritten
+        elif re.match(r"\s*server\s", original):
+            # Same server name, a loopback address, the same options with a local check port.
+            name = original.split()[1]
+            assert re.fullmatch(rf"\s*server {name} 127\.0\.0\.1:\d+ check( port \d+)?", rewritten), rewritten
+        else:
+            assert rewritten == original
