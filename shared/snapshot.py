@@ -125,6 +125,7 @@ class Route:
     circuit_breaker: CircuitBreaker | None = None
     health_check: HealthCheck | None = None
     burst: int = 0
+    rate_limit_shadow: bool = False
 
 
 # Identity: tenants' JWT issuers and OAuth clients, the gateway's signing keys. The admin API
@@ -254,6 +255,7 @@ def to_proto(snap: Snapshot) -> pb.Snapshot:
                 circuit_breaker=_breaker_to_proto(r.circuit_breaker),
                 health_check=_health_check_to_proto(r.health_check),
                 burst=r.burst,
+                rate_limit_shadow=r.rate_limit_shadow,
             )
             for r in snap.routes
         ],
@@ -315,6 +317,7 @@ def _route_from_proto(r: pb.Route) -> Route:
         if hc is None
         else HealthCheck(path=hc.path, interval_s=hc.interval_s, healthy=hc.healthy, unhealthy=hc.unhealthy),
         burst=r.burst,
+        rate_limit_shadow=r.rate_limit_shadow,
     )
 
 

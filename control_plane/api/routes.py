@@ -208,6 +208,9 @@ class RouteCreate(BaseModel):
     )
     websocket: bool = False
     max_body_bytes: BodyLimit = model.DEFAULT_MAX_BODY_BYTES
+    rate_limit_shadow: bool = Field(
+        False, description="Decide and count this route's limits but never refuse a request for them."
+    )
     circuit_breaker: CircuitBreakerSpec | None = Field(None, description="null: no circuit breaker.")
     health_check: HealthCheckSpec | None = Field(None, description="null: no active health checks.")
 
@@ -249,6 +252,7 @@ class RouteUpdate(BaseModel):
     scopes: Annotated[list[str], Field(max_length=MAX_ROUTE_SCOPES)] | None = None
     websocket: bool | None = None
     max_body_bytes: BodyLimit | None = None
+    rate_limit_shadow: bool | None = None
     circuit_breaker: CircuitBreakerSpec | None = None
     health_check: HealthCheckSpec | None = None
 
@@ -291,6 +295,7 @@ class RouteOut(BaseModel):
     scopes: list[str]
     websocket: bool
     max_body_bytes: int
+    rate_limit_shadow: bool
     circuit_breaker: CircuitBreakerSpec | None
     health_check: HealthCheckSpec | None
     created_at: datetime
@@ -385,6 +390,7 @@ def route_out(r: store.RouteRecord) -> dict[str, Any]:
         "scopes": list(r.scopes),
         "websocket": r.websocket,
         "max_body_bytes": r.max_body_bytes,
+        "rate_limit_shadow": r.rate_limit_shadow,
         "circuit_breaker": _as_dict(r.circuit_breaker),
         "health_check": _as_dict(r.health_check),
         "created_at": r.created_at,
@@ -427,6 +433,7 @@ async def create_route(body: RouteCreate, state: State, caller: Caller, response
             scopes=tuple(body.scopes),
             websocket=body.websocket,
             max_body_bytes=body.max_body_bytes,
+            rate_limit_shadow=body.rate_limit_shadow,
             circuit_breaker=_breaker(body.circuit_breaker),
             health_check=_health_check(body.health_check),
         ),

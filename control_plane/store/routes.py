@@ -51,6 +51,7 @@ class NewRoute:
     scopes: tuple[str, ...] = ()
     websocket: bool = False
     max_body_bytes: int = model.DEFAULT_MAX_BODY_BYTES  # 0: unlimited
+    rate_limit_shadow: bool = False
     circuit_breaker: CircuitBreaker | None = None
     health_check: HealthCheck | None = None
 
@@ -80,6 +81,7 @@ class RouteRecord:
     max_body_bytes: int
     circuit_breaker: CircuitBreaker | None
     health_check: HealthCheck | None
+    rate_limit_shadow: bool
     created_at: datetime
     updated_at: datetime
 
@@ -99,7 +101,7 @@ COLUMNS: Final = (
     "id::text, path_pattern AS path, upstreams::text, methods, auth_required, rate_limit_override AS rate_limit,"
     " burst, timeout_ms, retries, strip_prefix, priority, is_active, load_balancing, hash_on, host, headers::text,"
     " tenants::text[], tiers, scopes, websocket, max_body_bytes, circuit_breaker::text, health_check::text,"
-    " created_at, updated_at"
+    " rate_limit_shadow, created_at, updated_at"
 )
 # Every field a PATCH may change: those of NewRoute.
 UPDATABLE: Final = frozenset(f.name for f in dataclasses.fields(NewRoute))
@@ -128,6 +130,7 @@ _WRITTEN: Final = (
     ("max_body_bytes", ""),
     ("circuit_breaker", "::jsonb"),
     ("health_check", "::jsonb"),
+    ("rate_limit_shadow", ""),
 )
 _INSERT: Final = (
     f"INSERT INTO routes ({', '.join(col for col, _ in _WRITTEN)})"
@@ -177,6 +180,7 @@ def to_model(r: RouteRecord) -> model.Route:
         circuit_breaker=r.circuit_breaker,
         health_check=r.health_check,
         burst=r.burst or 0,
+        rate_limit_shadow=r.rate_limit_shadow,
     )
 
 
@@ -261,6 +265,7 @@ def _params(route: NewRoute) -> tuple[Any, ...]:
         route.max_body_bytes,
         None if route.circuit_breaker is None else json.dumps(asdict(route.circuit_breaker)),
         None if route.health_check is None else json.dumps(asdict(route.health_check)),
+        route.rate_limit_shadow,
     )
 
 

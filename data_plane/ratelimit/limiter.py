@@ -124,7 +124,7 @@ class RateLimiter:
             keys=tenant_keys(tenant.id, r.id),
             policies=policies,
             policy_header=rl_headers.policy_header(policies),
-            shadow=getattr(r, "ratelimit_shadow", False),
+            shadow=r.rate_limit_shadow,
         )
 
     async def admit(self, limits: Limits) -> Admission:
@@ -156,8 +156,9 @@ class RateLimiter:
                     break
             return Admission(headers, limits, lease if limits.max_concurrency else "", backend)
         if limits.shadow:
+            # Counted, not enforced: the client sees the limits but no refusal.
             metrics.SHADOW_REJECTED[decision.kind].inc()
-            return Admission(headers, limits, "", None)
+            return Admission(tuple(h for h in headers if h[0] != "Retry-After"), limits, "", None)
         metrics.REJECTED[decision.kind].inc()
         code, message = _MESSAGES[decision.kind]
         raise TooManyRequests(message, code=code, headers=headers)

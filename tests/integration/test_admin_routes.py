@@ -44,6 +44,7 @@ FULL_ROUTE: dict[str, Any] = {
     "strip_prefix": True,
     "websocket": True,
     "max_body_bytes": 1024,
+    "rate_limit_shadow": True,
     "priority": 7,
     "is_active": True,
     "circuit_breaker": {
@@ -153,6 +154,7 @@ def test_route_with_every_field_round_trips_through_get(cp: ControlPlane) -> Non
         "scopes": ["users:read", "users:write"],
         "websocket": True,
         "max_body_bytes": 1024,
+        "rate_limit_shadow": True,
         "circuit_breaker": FULL_ROUTE["circuit_breaker"],
         "health_check": FULL_ROUTE["health_check"],
         "created_at": created["created_at"],
@@ -196,6 +198,7 @@ def test_seed_shape_gets_every_default(cp: ControlPlane) -> None:
         "scopes": [],
         "websocket": False,
         "max_body_bytes": 10_485_760,
+        "rate_limit_shadow": False,
         "circuit_breaker": None,
         "health_check": None,
     }

@@ -266,3 +266,21 @@ def test_leases_of_a_killed_node_expire(gateway: Gateway) -> None:
 def _swallow(call: Any) -> None:
     with contextlib.suppress(OSError):
         call()
+
+
+def test_shadow_mode_decides_and_counts_but_never_refuses(gateway: Gateway) -> None:
+    key = gateway.tenant(rate_limit_per_minute=1000)
+    prefix = gateway.route(rate_limit=3, rate_limit_shadow=True)
+
+    responses = [gateway.get(prefix + "/x", key) for _ in range(5)]
+
+    assert [r.status for r in responses] == [200] * 5
+    assert [r.headers["x-ratelimit-remaining"] for r in responses] == ["2", "1", "0", "0", "0"]
+    assert all("retry-after" not in r.headers for r in responses)
+    # Enforced from the moment shadow mode is turned off, on the counts shadow mode kept.
+    routes = gateway.cp.api("GET", "/admin/routes").json()["items"]
+    route_id = next(r["id"] for r in routes if r["path"] == prefix + "/*")
+    patched = gateway.cp.api("PATCH", f"/admin/routes/{route_id}", {"rate_limit_shadow": False})
+    assert patched.status == 200, patched.body
+    gateway.sync(patched.json()["config_version"])
+    assert gateway.get(prefix + "/x", key).status == 429

@@ -67,7 +67,7 @@ class Upstream(_message.Message):
     def __init__(self, url: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class Route(_message.Message):
-    __slots__ = ("id", "path", "methods", "upstreams", "auth_required", "rate_limit", "timeout_ms", "strip_prefix", "priority", "load_balancing", "hash_on", "host", "headers", "tenants", "tiers", "scopes", "retries", "websocket", "max_body_bytes", "circuit_breaker", "health_check", "burst")
+    __slots__ = ("id", "path", "methods", "upstreams", "auth_required", "rate_limit", "timeout_ms", "strip_prefix", "priority", "load_balancing", "hash_on", "host", "headers", "tenants", "tiers", "scopes", "retries", "websocket", "max_body_bytes", "circuit_breaker", "health_check", "burst", "rate_limit_shadow")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class Route(_message.Message):
     CIRCUIT_BREAKER_FIELD_NUMBER: _ClassVar[int]
     HEALTH_CHECK_FIELD_NUMBER: _ClassVar[int]
     BURST_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_SHADOW_FIELD_NUMBER: _ClassVar[int]
     id: str
     path: str
     methods: _containers.RepeatedScalarFieldContainer[str]
@@ -119,7 +120,8 @@ class Route(_message.Message):
     circuit_breaker: CircuitBreaker
     health_check: HealthCheck
     burst: int
-    def __init__(self, id: _Optional[str] = ..., path: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., upstreams: _Optional[_Iterable[_Union[Upstream, _Mapping]]] = ..., auth_required: _Optional[bool] = ..., rate_limit: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., strip_prefix: _Optional[bool] = ..., priority: _Optional[int] = ..., load_balancing: _Optional[str] = ..., hash_on: _Optional[str] = ..., host: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., tenants: _Optional[_Iterable[str]] = ..., tiers: _Optional[_Iterable[str]] = ..., scopes: _Optional[_Iterable[str]] = ..., retries: _Optional[int] = ..., websocket: _Optional[bool] = ..., max_body_bytes: _Optional[int] = ..., circuit_breaker: _Optional[_Union[CircuitBreaker, _Mapping]] = ..., health_check: _Optional[_Union[HealthCheck, _Mapping]] = ..., burst: _Optional[int] = ...) -> None: ...
+    rate_limit_shadow: bool
+    def __init__(self, id: _Optional[str] = ..., path: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., upstreams: _Optional[_Iterable[_Union[Upstream, _Mapping]]] = ..., auth_required: _Optional[bool] = ..., rate_limit: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., strip_prefix: _Optional[bool] = ..., priority: _Optional[int] = ..., load_balancing: _Optional[str] = ..., hash_on: _Optional[str] = ..., host: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., tenants: _Optional[_Iterable[str]] = ..., tiers: _Optional[_Iterable[str]] = ..., scopes: _Optional[_Iterable[str]] = ..., retries: _Optional[int] = ..., websocket: _Optional[bool] = ..., max_body_bytes: _Optional[int] = ..., circuit_breaker: _Optional[_Union[CircuitBreaker, _Mapping]] = ..., health_check: _Optional[_Union[HealthCheck, _Mapping]] = ..., burst: _Optional[int] = ..., rate_limit_shadow: _Optional[bool] = ...) -> None: ...
 
 class CircuitBreaker(_message.Message):
     __slots__ = ("failure_rate", "min_requests", "window_s", "open_s", "half_open_requests")
