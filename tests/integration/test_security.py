@@ -460,6 +460,28 @@ CASES: list[Case] = [
 ]
 
 
+# Cases decided (in part) by aiohttp's HTTP parser: checked again against a data plane that runs
+# aiohttp's pure-Python parser (AIOHTTP_NO_EXTENSIONS=1), which must refuse them the same way.
+PARSER_CASES = [
+    case
+    for case in CASES
+    if case.id.startswith(("cl-", "te-", "duplicate-", "content-length-", "bad-chunk", "obs-fold", "bare-lf", "http-"))
+    or case.id
+    in ("cr-in-header-value", "nul-in-header-value", "space-in-header-name", "raw-control-in-target", "missing-host")
+    or case.id.startswith(("oversized-", "too-many-", "absolute-form", "asterisk"))
+    or case.id == "connect"
+]
+
+
+@pytest.fixture(scope="module")
+def python_parser(env: Env) -> Iterator[ProxyEnv]:
+    proxy = env.proxy.with_data_plane(AIOHTTP_NO_EXTENSIONS="1")
+    try:
+        yield proxy
+    finally:
+        proxy.dp.proc.stop()
+
+
 def test_at_least_forty_distinct_hostile_cases() -> None:
     assert len({case.id for case in CASES}) == len(CASES) >= 40
 
@@ -516,3 +538,15 @@ def test_forwarded_headers_from_a_trusted_proxy_are_kept_and_extended(env: Env) 
     assert headers["x-forwarded-proto"] == ["https"]
     assert headers["x-forwarded-host"] == ["api.example.com"]
     assert "x-real-ip" not in headers
+
+
+@pytest.mark.parametrize("case", PARSER_CASES, ids=lambda case: case.id)
+def test_hostile_request_with_the_python_parser(env: Env, python_parser: ProxyEnv, case: Case) -> None:
+    marker = f"case=py-{case.id}"
+    resp = exchange(python_parser.port, case.build(env, marker))
+
+    assert resp.status == case.status, (resp.status, resp.body[:500])
+    if case.status >= 400:
+        assert set(resp.json()["error"]) == {"code", "message", "request_id"}
+        assert not resp.rest, resp.rest[:300]
+    assert env.proxy.seen(marker) == []
