@@ -27,7 +27,16 @@ from prometheus_client import Counter, Gauge, Histogram
 
 import shared
 from data_plane import disk
-from data_plane.snapshot import Compiled, Holder, StaleBase, apply_delta, compile_objects, decode_full
+from data_plane.snapshot import (
+    Compiled,
+    Holder,
+    StaleBase,
+    apply_delta,
+    compile_objects,
+    decode_full,
+    decode_full_bytes,
+    whole_snapshot_bytes,
+)
 from shared import snapshot as model
 from shared._generated.tenantgate.v1 import cluster_pb2
 from shared.errors import InvalidSnapshot
@@ -91,13 +100,16 @@ class ClusterStatus:
 @dataclass(frozen=True, slots=True)
 class _Applied:
     compiled: Compiled
-    full: cluster_pb2.ConfigUpdate | None  # the update, when it was a full snapshot
+    full: bytes | None  # the encoded snapshot, when the update was a whole one
     delta: cluster_pb2.SnapshotDelta | None
 
 
 def _prepare(raw: bytes, current: Compiled | None) -> _Applied:
     """Parse, validate and compile one update (in a worker thread). The caller turns the
     cyclic garbage collector off around it (see :meth:`ConfigClient._apply`)."""
+    whole = whole_snapshot_bytes(raw)
+    if whole is not None:
+        return _Applied(compile_objects(decode_full_bytes(whole)), whole, None)
     update = cluster_pb2.ConfigUpdate.FromString(raw)
     if update.HasField("delta"):
         if current is None:
@@ -106,7 +118,7 @@ def _prepare(raw: bytes, current: Compiled | None) -> _Applied:
         return _Applied(compile_objects(objects, current, changes), None, update.delta)
     if not update.HasField("snapshot"):
         raise InvalidSnapshot("the update holds neither a snapshot nor a delta")
-    return _Applied(compile_objects(decode_full(update.snapshot)), update, None)
+    return _Applied(compile_objects(decode_full(update.snapshot)), update.snapshot.SerializeToString(), None)
 
 
 class ConfigClient:
@@ -287,12 +299,11 @@ class ConfigClient:
     def _persist(self, applied: _Applied) -> None:
         """Save off the event loop; saves run one at a time, in order."""
         previous = self._saving
-        full = applied.full.snapshot if applied.full is not None else None
-        delta, compiled = applied.delta, applied.compiled
+        full, delta, compiled = applied.full, applied.delta, applied.compiled
 
         def write() -> None:
             if full is not None:
-                disk.save(self._data_dir, full)
+                disk.save_bytes(self._data_dir, full)
                 return
             assert delta is not None
             size = disk.append(self._data_dir, delta)

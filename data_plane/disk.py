@@ -38,8 +38,12 @@ def _prepare(data_dir: Path) -> None:
 
 def save(data_dir: Path, msg: snapshot_pb2.Snapshot) -> None:
     """Write ``msg`` as the last good snapshot, replacing any journal."""
+    save_bytes(data_dir, msg.SerializeToString())
+
+
+def save_bytes(data_dir: Path, payload: bytes) -> None:
+    """Write an encoded ``Snapshot`` as the last good snapshot, replacing any journal."""
     _prepare(data_dir)
-    payload = msg.SerializeToString()
     fd, tmp = tempfile.mkstemp(prefix=".snapshot-", dir=data_dir)  # mkstemp creates it 0600
     try:
         with os.fdopen(fd, "wb") as f:

@@ -14,9 +14,12 @@ worker thread, off the event loop: nothing here may touch the loop.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from itertools import chain
+from typing import Any, Final, TypeVar
+
+from google.protobuf.message import DecodeError
 
 from data_plane.auth.apikey import KeyTable
 from data_plane.auth.stage import Auth
@@ -27,6 +30,10 @@ from shared._generated.tenantgate.v1 import cluster_pb2, snapshot_pb2
 from shared.errors import InvalidSnapshot
 
 _V = TypeVar("_V")
+
+# A whole snapshot is parsed in pieces of about this size (see decode_full_bytes).
+PARSE_CHUNK_BYTES: Final = 256 * 1024
+_UPDATE_SNAPSHOT_TAG: Final = bytes([cluster_pb2.ConfigUpdate.DESCRIPTOR.fields_by_name["snapshot"].number << 3 | 2])
 
 
 class StaleBase(Exception):
@@ -95,6 +102,91 @@ class Objects:
 def decode_full(msg: snapshot_pb2.Snapshot) -> Objects:
     """Validate a whole snapshot; raises ``InvalidSnapshot``."""
     return Objects.of(model.from_proto(msg))
+
+
+def decode_full_bytes(data: bytes) -> Objects:
+    """Parse and validate an encoded whole snapshot, a piece at a time.
+
+    Parsing 10 MB in one call would hold the interpreter for tens of milliseconds, and with
+    it the event loop; pieces of :data:`PARSE_CHUNK_BYTES` keep every hold short. Raises
+    ``InvalidSnapshot``."""
+    parts: list[model.Snapshot] = []
+    for chunk in _chunks(data):
+        msg = snapshot_pb2.Snapshot()
+        try:
+            msg.ParseFromString(chunk)
+        except DecodeError as exc:
+            raise InvalidSnapshot(f"the snapshot cannot be decoded: {exc}") from None
+        parts.append(model.decode(msg))
+
+    def every(kind: str) -> tuple[Any, ...]:
+        return tuple(chain.from_iterable(getattr(p, kind) for p in parts))
+
+    snap = model.Snapshot(
+        version=max((p.version for p in parts), default=0),
+        built_at_ms=max((p.built_at_ms for p in parts), default=0),
+        tenants=every("tenants"),
+        api_keys=every("api_keys"),
+        routes=every("routes"),
+        jwt_issuers=every("jwt_issuers"),
+        oauth_clients=every("oauth_clients"),
+        signing_keys=every("signing_keys"),
+    )
+    model.validate(snap)
+    return Objects.of(snap)
+
+
+def whole_snapshot_bytes(update: bytes) -> bytes | None:
+    """The encoded snapshot inside an encoded ``ConfigUpdate`` that holds exactly one (and
+    nothing else), without parsing it; None for anything else."""
+    if not update.startswith(_UPDATE_SNAPSHOT_TAG):
+        return None
+    length, pos = _varint(update, len(_UPDATE_SNAPSHOT_TAG))
+    if pos + length != len(update):
+        return None
+    return update[pos:]
+
+
+def _chunks(data: bytes) -> Iterator[bytes]:
+    """``data``, an encoded message, cut at field boundaries into pieces of about
+    :data:`PARSE_CHUNK_BYTES`; each piece is itself an encoding of the same message type
+    (fields may come in any order, and the entries of a repeated field concatenate)."""
+    start = pos = 0
+    size = len(data)
+    while pos < size:
+        tag, pos = _varint(data, pos)
+        wire_type = tag & 7
+        if wire_type == 0:
+            _, pos = _varint(data, pos)
+        elif wire_type == 2:
+            length, pos = _varint(data, pos)
+            pos += length
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise InvalidSnapshot(f"the snapshot cannot be decoded: wire type {wire_type}")
+        if pos - start >= PARSE_CHUNK_BYTES:
+            yield data[start:pos]
+            start = pos
+    if pos > size:
+        raise InvalidSnapshot("the snapshot cannot be decoded: truncated")
+    if start < size:
+        yield data[start:]
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise InvalidSnapshot("the snapshot cannot be decoded: bad varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
 
 
 def apply_delta(base: Objects, delta: cluster_pb2.SnapshotDelta) -> tuple[Objects, Changes]:

@@ -113,3 +113,25 @@ def test_disk_keeps_the_snapshot_and_the_deltas_since(tmp_path: Path) -> None:
     assert list(objects.api_keys) == ["k0", "k1", "k2"]
     disk.save(tmp_path, model.to_proto(objects.snapshot()))
     assert not (tmp_path / disk.JOURNAL_FILE).exists()
+
+
+def test_a_whole_snapshot_parsed_in_pieces_equals_one_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    from data_plane import snapshot
+
+    many = model.Snapshot(
+        version=9,
+        built_at_ms=3,
+        tenants=tuple(tenant(i) for i in range(50)),
+        api_keys=tuple(key(i, i % 50) for i in range(200)),
+        routes=tuple(route(i) for i in range(30)),
+    )
+    update = cluster_pb2.ConfigUpdate(snapshot=model.to_proto(many)).SerializeToString()
+    whole = snapshot.whole_snapshot_bytes(update)
+    assert whole is not None
+    monkeypatch.setattr(snapshot, "PARSE_CHUNK_BYTES", 300)  # dozens of pieces
+    assert list(snapshot._chunks(whole))[1:]  # really more than one
+    assert snapshot.decode_full_bytes(whole) == decode_full(model.to_proto(many))
+    with pytest.raises(InvalidSnapshot, match="cannot be decoded"):
+        snapshot.decode_full_bytes(whole[:-3])
+    delta_update = cluster_pb2.ConfigUpdate(delta=delta()).SerializeToString()
+    assert snapshot.whole_snapshot_bytes(delta_update) is None
