@@ -68,7 +68,9 @@ def test_a_scrape_counts_every_workers_requests(procs: Processes, database_url: 
         assert resp.status == 200, resp.body
     # Both workers answered some of them (their access log lines name them).
     wait_for(lambda: _access_nodes(dp) == set(seen), what="access log lines of both workers")
-    # Whichever worker answers the scrape, the total is every request.
+    # Whichever worker answers the scrape, the total is every request. (A worker counts a
+    # request just after its last byte went out, so the very first scrape may be early.)
+    wait_for(lambda: _request_total(dp, route["id"])[0] == REQUESTS, what="every request counted")
     for _ in range(6):
         total, text = _request_total(dp, route["id"])
         assert total == REQUESTS, text
