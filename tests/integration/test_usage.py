@@ -145,6 +145,13 @@ def test_usage_is_exact_across_control_plane_and_data_plane_restarts(
     wait_for(lambda: _spooled(dp1) == 0, what="restarted data plane's spool drained")
     assert not list((dp1_dir / "usage").glob("*/*.batch"))
 
+    # A data plane stopped before its next report (its interval is a minute) reports on the way out.
+    dp3 = start_data_plane(procs, cp.cluster_addr, redis_url, TENANTGATE_USAGE_FLUSH_INTERVAL_S="60")
+    _synced([dp3], route["config_version"])
+    _send([dp3], tenants, 3, sent)
+    assert dp3.proc.stop(signal.SIGTERM) == 0
+    assert _totals(cp, tenants) == dict(sent)  # stored before the process exited
+
     # Nothing is counted twice, however long we wait.
     _send([dp2], tenants[:1], 1, sent)
     _exact(cp, tenants, sent, "one more request")
