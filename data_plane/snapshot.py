@@ -14,7 +14,7 @@ worker thread, off the event loop: nothing here may touch the loop.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Final, TypeVar
@@ -84,6 +84,20 @@ class Objects:
             signing_keys={k.kid: k for k in snap.signing_keys},
             keys_by_tenant={tid: tuple(ids) for tid, ids in keys_by_tenant.items()},
             key_by_hash={k.key_hash: k.id for k in snap.api_keys},
+        )
+
+    def identity(self) -> model.Snapshot:
+        """A snapshot of the issuers, OAuth clients and signing keys alone (cheap: no key
+        or route is copied), for an auth stage given its key table ready-made."""
+        return model.Snapshot(
+            version=self.version,
+            built_at_ms=self.built_at_ms,
+            tenants=(),
+            api_keys=(),
+            routes=(),
+            jwt_issuers=tuple(self.jwt_issuers.values()),
+            oauth_clients=tuple(self.oauth_clients.values()),
+            signing_keys=tuple(self.signing_keys.values()),
         )
 
     def snapshot(self) -> model.Snapshot:
@@ -198,17 +212,17 @@ def apply_delta(base: Objects, delta: cluster_pb2.SnapshotDelta) -> tuple[Object
     if ups.version <= base.version:
         raise InvalidSnapshot(f"delta to version {ups.version} does not move past {base.version}")
 
-    tenants = _patched(base.tenants, delta.removed_tenants, ((t.id, t) for t in ups.tenants))
-    api_keys = _patched(base.api_keys, delta.removed_api_keys, ((k.id, k) for k in ups.api_keys))
-    routes = _patched(base.routes, delta.removed_routes, ((r.id, r) for r in ups.routes))
-    issuers = _patched(base.jwt_issuers, delta.removed_jwt_issuers, ((i.id, i) for i in ups.jwt_issuers))
-    clients = _patched(base.oauth_clients, delta.removed_oauth_clients, ((c.id, c) for c in ups.oauth_clients))
-    signing = _patched(base.signing_keys, delta.removed_signing_keys, ((k.kid, k) for k in ups.signing_keys))
+    tenants = _patched(base.tenants, delta.removed_tenants, [(t.id, t) for t in ups.tenants])
+    api_keys = _patched(base.api_keys, delta.removed_api_keys, [(k.id, k) for k in ups.api_keys])
+    routes = _patched(base.routes, delta.removed_routes, [(r.id, r) for r in ups.routes])
+    issuers = _patched(base.jwt_issuers, delta.removed_jwt_issuers, [(i.id, i) for i in ups.jwt_issuers])
+    clients = _patched(base.oauth_clients, delta.removed_oauth_clients, [(c.id, c) for c in ups.oauth_clients])
+    signing = _patched(base.signing_keys, delta.removed_signing_keys, [(k.kid, k) for k in ups.signing_keys])
 
     # Keys: the per-tenant index and the hash owners follow the removed and upserted keys.
-    keys_by_tenant = dict(base.keys_by_tenant)
-    key_by_hash = dict(base.key_by_hash)
     touched_keys = set(delta.removed_api_keys) | {k.id for k in ups.api_keys}
+    keys_by_tenant = dict(base.keys_by_tenant) if touched_keys or delta.removed_tenants else base.keys_by_tenant
+    key_by_hash = dict(base.key_by_hash) if touched_keys else base.key_by_hash
     for kid in touched_keys:
         old = base.api_keys.get(kid)
         if old is not None:
@@ -279,8 +293,11 @@ def apply_delta(base: Objects, delta: cluster_pb2.SnapshotDelta) -> tuple[Object
     return objects, changes
 
 
-def _patched(base: dict[str, _V], removed: Iterable[str], upserts: Iterable[tuple[str, _V]]) -> dict[str, _V]:
-    """A copy of ``base`` without ``removed``, with ``upserts`` replaced in place or appended."""
+def _patched(base: dict[str, _V], removed: Sequence[str], upserts: list[tuple[str, _V]]) -> dict[str, _V]:
+    """A copy of ``base`` without ``removed``, with ``upserts`` replaced in place or appended;
+    ``base`` itself when neither names anything (snapshots never change their dicts)."""
+    if not removed and not upserts:
+        return base
     out = dict(base)
     for oid in removed:
         out.pop(oid, None)
@@ -323,10 +340,14 @@ def compile_objects(objects: Objects, previous: Compiled | None = None, changes:
         changed_routes = [r for rid, r in objects.routes.items() if rid in changes.routes] if changes.routes else []
         gone = [rid for rid in changes.routes if rid not in objects.routes]
         router = previous.router.with_changes(changed_routes, gone) if changes.routes else previous.router
-        upstreams_base = {rid: t for rid, t in previous.upstreams.items() if rid not in changes.routes}
+        upstreams_base = (
+            {rid: t for rid, t in previous.upstreams.items() if rid not in changes.routes}
+            if changes.routes
+            else previous.upstreams
+        )
         touches_auth = changes.tenants or changes.api_keys or changes.identity
         auth = (
-            Auth(objects.snapshot(), tenants, _patched_keys(previous, objects, changes))
+            Auth(objects.identity(), tenants, _patched_keys(previous, objects, changes))
             if touches_auth
             else previous.auth
         )

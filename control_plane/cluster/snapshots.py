@@ -192,7 +192,8 @@ def build(previous: Catalog | None, rows: config_store.ConfigRows) -> Published:
             merged = new_entries
         else:
             gone = [oid for oid, value in by_kind[kind].items() if value is None and oid in old]
-            merged = dict(old)
+            # Catalogs never change their dicts: an untouched kind is shared with the last one.
+            merged = dict(old) if gone or new_entries else old
             for oid in gone:
                 del merged[oid]
             merged.update(new_entries)
