@@ -25,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = tg_settings.load(args, require=("CLUSTER_TOKEN",))
     tg_logging.setup("data-plane", settings.log_level, settings.log_format)
     if settings.workers > 1:
-        return server.supervise(settings, ["--reuse-port"])
+        try:
+            return server.supervise(settings, ["--reuse-port"])
+        except OSError as exc:  # e.g. DATA_DIR not writable for the workers' metrics
+            print(f"tenantgate data-plane: {exc}", file=sys.stderr)
+            return 1
     try:
         server.run_event_loop(
             lambda: server.run_worker(settings, reuse_port=args.reuse_port, metrics_dir=args.metrics_dir)

@@ -103,6 +103,9 @@ async def run_worker(settings: Settings, *, reuse_port: bool, metrics_dir: Path 
         loop.add_signal_handler(sig, stop.set)
 
     holder = Holder()
+    # First: opening the usage spool is what fails on a bad DATA_DIR, before anything needs closing.
+    observability = Observability(settings, lambda: redis.ok, metrics_dir)
+    await observability.start()
     client = UpstreamClient()
     await client.start()
     redis = RedisBackend(settings)
@@ -111,8 +114,6 @@ async def run_worker(settings: Settings, *, reuse_port: bool, metrics_dir: Path 
     limiter = RateLimiter(settings, redis)
     websockets = WebSocketClient()
     await websockets.start()
-    observability = Observability(settings, lambda: redis.ok, metrics_dir)
-    await observability.start()
     pipeline = Pipeline(holder, client, settings, limiter, websockets, recorder=observability.recorder)
 
     proxy = web.ServerRunner(
