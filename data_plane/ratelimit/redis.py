@@ -50,6 +50,9 @@ SOCKET_TIMEOUT_S: Final = 0.5
 # Each batch has RATELIMIT_TIMEOUT_MS from the moment it is sent, so a command that had to
 # queue behind a full set of pipelines waits at most about twice that.
 MAX_IN_FLIGHT: Final = 2
+# Lease releases and renewals wait this long for a decision's batch to ride along with,
+# rather than cost a round trip of their own.
+LAZY_FLUSH_S: Final = 0.005
 # How often a healthy worker beats (and renews leases); how often an open circuit probes.
 HEARTBEAT_S: Final = 1.0
 PROBE_S: Final = 0.2
@@ -117,6 +120,7 @@ class RedisBackend:
         self.commands = 0
         self._pending: list[_Pending] = []
         self._flush_scheduled = False
+        self._lazy_flush: asyncio.TimerHandle | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         # Leases of this worker's requests in flight: lease → (key, acquired at by the wall clock).
         self._leases: dict[str, tuple[str, float]] = {}
@@ -157,16 +161,24 @@ class RedisBackend:
 
     def release(self, limits: Limits, lease: str) -> None:
         if self._leases.pop(lease, None) is not None and self.ok:
-            self._submit(("ZREM", limits.keys[5], lease), want_reply=False)
+            self._submit_lazy(("ZREM", limits.keys[5], lease))
 
     # --- auto-pipelining ---
 
-    def _submit(self, args: tuple[Any, ...], *, want_reply: bool = True) -> asyncio.Future[Any]:
+    def _submit(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((args, fut if want_reply else None))
+        self._pending.append((args, fut))
         self._schedule_flush(loop)
         return fut
+
+    def _submit_lazy(self, args: tuple[Any, ...]) -> None:
+        """Queue a command whose answer nobody waits for: it leaves with the next batch, or
+        after :data:`LAZY_FLUSH_S` at the latest."""
+        self._pending.append((args, None))
+        if not self._flush_scheduled and self._lazy_flush is None:
+            loop = asyncio.get_running_loop()
+            self._lazy_flush = loop.call_later(LAZY_FLUSH_S, self._schedule_flush, loop)
 
     def _schedule_flush(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._flush_scheduled and self._pending and len(self._in_flight) < MAX_IN_FLIGHT:
@@ -175,6 +187,9 @@ class RedisBackend:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._lazy_flush is not None:
+            self._lazy_flush.cancel()
+            self._lazy_flush = None
         batch, self._pending = self._pending, []
         if batch:
             loop = asyncio.get_running_loop()
@@ -270,7 +285,7 @@ class RedisBackend:
             if wall - acquired >= LEASE_RENEW_AGE_S:
                 by_key.setdefault(key, []).append(lease)
         for key, leases in by_key.items():
-            self._submit(("EVAL", RENEW_SCRIPT, 1, key, LEASE_TTL_MS, *leases), want_reply=False)
+            self._submit_lazy(("EVAL", RENEW_SCRIPT, 1, key, LEASE_TTL_MS, *leases))
 
     async def watch_health(self) -> None:
         """Keep the circuit, the heartbeat and the leases current until cancelled."""
@@ -283,6 +298,9 @@ class RedisBackend:
             await asyncio.sleep(HEARTBEAT_S if ok else PROBE_S)
 
     async def close(self) -> None:
+        """Send what is queued (lease releases), wait for the batches out, close."""
+        if self._pending and self.ok:
+            self._flush()
         if self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
         await self._client.aclose()

@@ -75,9 +75,8 @@ async def test_concurrent_decisions_share_round_trips(redis_url: str) -> None:
             admissions = await asyncio.gather(*(limiter.admit(limits) for _ in range(100)))
             for admission in admissions:
                 limiter.release(admission)
-        await asyncio.sleep(0)
     finally:
-        await backend.close()
+        await backend.close()  # sends the releases still queued
     # 500 decisions and 500 lease releases.
     assert backend.commands == 1000
     assert backend.round_trips / 500 < 0.1
@@ -225,3 +224,26 @@ def test_local_limiter_shares_the_limit_among_live_nodes() -> None:
     assert admitted == 9  # 30 ÷ 3 nodes = 10 a minute here, one of them taken above
     now[0] += 61
     assert local.decide_now(limiter_limits).remaining[MINUTE] == 9
+
+
+async def test_leases_of_long_requests_are_renewed(redis_url: str) -> None:
+    wall = [1000.0]
+    settings = _settings(redis_url)
+    backend = RedisBackend(settings, wall_clock=lambda: wall[0])
+    assert await backend.ping()
+    limiter = rl.RateLimiter(settings, backend)
+    limits = _limits(limiter, _tenant(max_concurrency=5))
+    client = redis.Redis.from_url(redis_url)
+    try:
+        admission = await limiter.admit(limits)
+        first = client.zscore(limits.keys[5], admission.lease)
+        assert first is not None
+        backend._renew_leases()  # held for no time yet: nothing to renew
+        client.zadd(limits.keys[5], {admission.lease: 1})  # about to expire
+        wall[0] += 2  # the request is still in flight two seconds later
+        backend._renew_leases()
+    finally:
+        await backend.close()
+    renewed = client.zscore(limits.keys[5], admission.lease)
+    client.close()
+    assert renewed is not None and renewed >= first
