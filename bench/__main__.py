@@ -51,6 +51,7 @@ class Options:
     out_dir: Path
     smoke: bool
     gateway_ref: str | None
+    repeat: int
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -63,6 +64,12 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--smoke", action="store_true", help="seconds per scenario, low concurrency: proves it works")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per throughput run (default 10)")
     parser.add_argument("--latency-duration", type=float, default=10.0, help="seconds per 1-connection run")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure each group of rows this many times in turn and report the median round (default 1)",
+    )
     parser.add_argument("--connections", type=int, default=50, help="concurrency of the throughput runs (default 50)")
     parser.add_argument("--routes", type=int, default=10_000, help="large-config: routes (default 10000)")
     parser.add_argument("--tenants", type=int, default=10_000, help="large-config: tenants (default 10000)")
@@ -119,6 +126,7 @@ def parse_args(argv: list[str] | None) -> Options:
         out_dir=args.output_dir,
         smoke=smoke,
         gateway_ref=args.gateway_ref,
+        repeat=1 if smoke else args.repeat,
     )
 
 
@@ -162,30 +170,41 @@ class Run:
             "direct": direct,
             "bare": bare,
         }
-        self.rows[name] = row
+        row = self.rows.setdefault(name, row)
+        if row.get("error"):
+            return row  # failed in an earlier round: one error is enough
         probe = procs.http(shape.method, url + shape.path, headers=shape.headers, body=shape.body or None, timeout=15)
         row["probe_status"] = probe.status
         if probe.status != 200:
             row["error"] = f"probe answered {probe.status}: {probe.body[:200].decode(errors='replace')}"
             self.say(f"  {name}: {row['error']}")
             return row
-        self.say(f"  {name}: {self.opts.connections} connections for {self.opts.duration_s:.0f}s ...")
         if self.opts.warmup_s:
             self._load(url, shape, self.opts.connections, self.opts.warmup_s)
         tp = self._load(url, shape, self.opts.connections, self.opts.duration_s)
         lat = self._load(url, shape, 1, self.opts.latency_duration_s)
-        row["throughput"] = report.result_json(tp)
-        row["latency"] = report.result_json(lat)
+        row.setdefault("rounds", []).append({"throughput": report.result_json(tp), "latency": report.result_json(lat)})
+        report.settle(row)
         if tp.errors or lat.errors:
             row["error"] = f"{tp.errors + lat.errors} failed or non-2xx responses"
         if tp.requests == 0:
             row["error"] = "no request completed"
-        self.say(f"  {name}: {tp.rps:.0f} req/s, p50 {tp.p50_ms:.2f} ms; 1 conn p50 {lat.p50_ms:.3f} ms")
+        self.say(
+            f"  {name}: {tp.rps:.0f} req/s at {self.opts.connections} connections, p50 {tp.p50_ms:.2f} ms; "
+            f"1 connection p50 {lat.p50_ms:.3f} ms"
+        )
         return row
 
-    def measure_gateway(self, name: str, url: str, shape: RequestShape, features: list[str]) -> dict[str, Any]:
+    def measure_gateway(
+        self, name: str, url: str, shape: RequestShape, features: list[str], bare: str = "bare-proxy"
+    ) -> dict[str, Any]:
         """A single-worker gateway scenario, compared with the GET baselines."""
-        return self.measure(name, url, shape, kind="gateway", direct="direct", bare="bare-proxy", features=features)
+        return self.measure(name, url, shape, kind="gateway", direct="direct", bare=bare, features=features)
+
+    def rounds(self) -> range:
+        """Each group of rows is measured this many times in turn, so a gateway row and its
+        baselines are always minutes apart at most, whatever else the machine is doing."""
+        return range(self.opts.repeat)
 
     def _load(self, url: str, shape: RequestShape, connections: int, seconds: float) -> LoadResult:
         return load.run(
@@ -242,11 +261,11 @@ def memory(run: Run, dp: gateway.DataPlane) -> dict[str, Any]:
     return {"workers": len(pids), "rss_mb_per_worker": [round(r / 2**20, 1) if r else None for r in per_worker]}
 
 
-def profile_key_auth(run: Run, dp: gateway.DataPlane, shape: RequestShape) -> dict[str, Any]:
-    out = run.opts.out_dir / f"{run.stamp}-profile-key-auth.txt"
+def profile_path(run: Run, dp: gateway.DataPlane, name: str, shape: RequestShape) -> dict[str, Any]:
+    out = run.opts.out_dir / f"{run.stamp}-profile-{name}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
     pid = dp.worker_pids()[0]
-    run.say(f"  profiling the key-auth path with py-spy for {run.opts.profile_s:.0f}s (pid {pid}) ...")
+    run.say(f"  profiling the {name} path with py-spy for {run.opts.profile_s:.0f}s (pid {pid}) ...")
     sampler = profile.record(pid, run.opts.profile_s, out, native=run.opts.profile_native)
     # Load a little longer than the sampler runs, so every sample is under load.
     result = run._load(dp.proxy_url, shape, run.opts.connections, run.opts.profile_s + 2)
@@ -342,63 +361,73 @@ def _gateway_scenarios(
     on = ["key_auth"]
     full_on = on + [f for f in ("rate_limit_enforced", "usage_api", "dp_metrics_endpoint") if features.get(f)]
 
-    run.say("measuring (GET) ...")
-    run.measure("direct", upstream, get, kind="baseline")
-    run.measure("bare-proxy", bare_url, get, kind="baseline", direct="direct", bare="bare-proxy")
-    if nginx_url:
-        run.measure("nginx-proxy", nginx_url, get, kind="baseline", direct="direct", bare="bare-proxy")
-    if "key-auth" in want:
-        run.measure_gateway("key-auth", dp.proxy_url, RequestShape("GET", gateway.PLAIN_PATH, plain), on)
-    if "full" in want:
-        run.measure_gateway("full", dp.proxy_url, RequestShape("GET", gateway.FULL_PATH, full), full_on)
+    jwt_shape: RequestShape | None = None
     if "jwt" in want:
         if fixture.jwt_token is None or not features.get("jwt_rs256"):
             run.rows["jwt"] = {"name": "jwt", "kind": "gateway", "skipped": fixture.jwt_skip_reason}
             run.say(f"  jwt: skipped: {fixture.jwt_skip_reason}")
         else:
-            bearer = {"Authorization": f"Bearer {fixture.jwt_token}"}
-            jwt_on = ["jwt_rs256", *full_on[1:]]
-            run.measure_gateway("jwt", dp.proxy_url, RequestShape("GET", gateway.FULL_PATH, bearer), jwt_on)
+            jwt_shape = RequestShape("GET", gateway.FULL_PATH, {"Authorization": f"Bearer {fixture.jwt_token}"})
+    for i in run.rounds():
+        run.say(f"measuring (GET), round {i + 1} of {opts.repeat} ...")
+        run.measure("direct", upstream, get, kind="baseline")
+        run.measure("bare-proxy", bare_url, get, kind="baseline", direct="direct", bare="bare-proxy")
+        if nginx_url:
+            run.measure("nginx-proxy", nginx_url, get, kind="baseline", direct="direct", bare="bare-proxy")
+        if "key-auth" in want:
+            run.measure_gateway("key-auth", dp.proxy_url, RequestShape("GET", gateway.PLAIN_PATH, plain), on)
+        if "full" in want:
+            run.measure_gateway("full", dp.proxy_url, RequestShape("GET", gateway.FULL_PATH, full), full_on)
+        if jwt_shape is not None:
+            run.measure_gateway("jwt", dp.proxy_url, jwt_shape, ["jwt_rs256", *full_on[1:]])
 
     for scenario, size in BODY_SIZES.items():
         if scenario not in want:
             continue
-        run.say(f"measuring (POST, {size} byte body) ...")
         body = b"x" * size
         ctype = {"Content-Type": "application/octet-stream"}
         shape = RequestShape("POST", gateway.PLAIN_PATH, ctype, body)
-        d, b = f"direct/{scenario}", f"bare-proxy/{scenario}"
-        run.measure(d, upstream, shape, kind="baseline")
-        run.measure(b, bare_url, shape, kind="baseline", direct=d, bare=b)
-        if nginx_url:
-            run.measure(f"nginx-proxy/{scenario}", nginx_url, shape, kind="baseline", direct=d, bare=b)
         gw_shape = RequestShape("POST", gateway.PLAIN_PATH, {**ctype, **plain}, body)
-        run.measure(f"key-auth/{scenario}", dp.proxy_url, gw_shape, kind="gateway", direct=d, bare=b, features=on)
+        d, b = f"direct/{scenario}", f"bare-proxy/{scenario}"
+        for i in run.rounds():
+            run.say(f"measuring (POST, {size} byte body), round {i + 1} of {opts.repeat} ...")
+            run.measure(d, upstream, shape, kind="baseline")
+            run.measure(b, bare_url, shape, kind="baseline", direct=d, bare=b)
+            if nginx_url:
+                run.measure(f"nginx-proxy/{scenario}", nginx_url, shape, kind="baseline", direct=d, bare=b)
+            run.measure(f"key-auth/{scenario}", dp.proxy_url, gw_shape, kind="gateway", direct=d, bare=b, features=on)
 
     if "workers-2" in want:
-        run.say("measuring 2 workers (unpinned: both take every CPU) ...")
         bare2, bare2_url = start_bare(run, upstream, 2, None)
         dp2 = gateway.start_data_plane(stack, cp, redis_url, 2, None, "bench-dp-w2", run.src)
         dp2.wait_version(fixture.version)
         out["memory"]["small_config_2_workers"] = memory(run, dp2)
         b2 = "bare-proxy/workers-2"
-        run.measure(b2, bare2_url, get, kind="baseline", workers=2, direct="direct", bare=b2, server_pinned=False)
-        run.measure(
-            "key-auth/workers-2",
-            dp2.proxy_url,
-            RequestShape("GET", gateway.PLAIN_PATH, plain),
-            kind="gateway",
-            workers=2,
-            direct="direct",
-            bare=b2,
-            features=on,
-            server_pinned=False,
-        )
+        for i in run.rounds():
+            run.say(f"measuring 2 workers (unpinned: both take every CPU), round {i + 1} of {opts.repeat} ...")
+            run.measure(b2, bare2_url, get, kind="baseline", workers=2, direct="direct", bare=b2, server_pinned=False)
+            run.measure(
+                "key-auth/workers-2",
+                dp2.proxy_url,
+                RequestShape("GET", gateway.PLAIN_PATH, plain),
+                kind="gateway",
+                workers=2,
+                direct="direct",
+                bare=b2,
+                features=on,
+                server_pinned=False,
+            )
         stack.stop(dp2.service)
         stack.stop(bare2)
 
-    if opts.profile and "key-auth" in want:
-        out["profile"] = profile_key_auth(run, dp, RequestShape("GET", gateway.PLAIN_PATH, plain))
+    if opts.profile:
+        out["profile"] = {}
+        if "key-auth" in want:
+            shape = RequestShape("GET", gateway.PLAIN_PATH, plain)
+            out["profile"]["key-auth"] = profile_path(run, dp, "key-auth", shape)
+        if "full" in want:
+            shape = RequestShape("GET", gateway.FULL_PATH, full)
+            out["profile"]["full"] = profile_path(run, dp, "full", shape)
     elif not opts.smoke and profile.py_spy() is None:
         run.notes.append("py-spy is not installed: no profile (pip install py-spy)")
 
@@ -417,8 +446,12 @@ def _gateway_scenarios(
         out["memory"]["large_config"] = memory(run, dp)
         run.say(f"  loaded in {loaded.load_s:.1f}s, served after {propagation_s:.1f}s more; {out['memory']}")
         large = RequestShape("GET", loaded.path, {"X-API-Key": loaded.api_key})
-        # Compared with the GET baselines: the upstream answers every path the same way.
-        run.measure_gateway("large-config", dp.proxy_url, large, on)
+        b = "bare-proxy/large-config"
+        for i in run.rounds():
+            run.say(f"measuring the large configuration, round {i + 1} of {opts.repeat} ...")
+            # Its own bare-proxy baseline, measured beside it (the upstream answers any path alike).
+            run.measure(b, bare_url, large, kind="baseline", direct="direct", bare=b)
+            run.measure_gateway("large-config", dp.proxy_url, large, on, bare=b)
 
     if opts.soak_min > 0:
         shape = RequestShape("GET", gateway.FULL_PATH, full)
@@ -494,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             "duration_s": opts.duration_s,
             "latency_duration_s": opts.latency_duration_s,
             "scenarios": list(opts.scenarios),
+            "repeat": opts.repeat,
         },
         "results": rows,
         **result,
@@ -511,8 +545,11 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("features", "dataset", "memory", "soak"):
         if key in result:
             print(f"{key}: {json.dumps(result[key])}")
-    if "profile" in result and "own" in result["profile"]:
-        print(profile.format_summary(result["profile"], top=12))
+    for name, summary in result.get("profile", {}).items():
+        if "own" in summary:
+            print(f"profile of the {name} path:\n{profile.format_summary(summary, top=12)}")
+        else:
+            print(f"profile of the {name} path: {summary.get('error')}")
     for note in run.notes:
         print(f"note: {note}")
     print(f"report: {path} (and {opts.out_dir / 'latest.json'})")

@@ -14,34 +14,65 @@ def ratio(value: float, base: float) -> float | None:
     return round(value / base, 3) if base else None
 
 
+def _median_by(items: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    ordered = sorted(items, key=lambda item: item[key])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def settle(row: dict[str, Any]) -> None:
+    """A row's figures: the median round by throughput and, apart, by one-connection p50."""
+    rounds = row["rounds"]
+    row["throughput"] = _median_by([r["throughput"] for r in rounds], "rps")
+    row["latency"] = _median_by([r["latency"] for r in rounds], "p50_ms")
+    row["rps_by_round"] = [r["throughput"]["rps"] for r in rounds]
+
+
+def _paired(row: dict[str, Any], other: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Round i of ``row`` with round i of ``other`` (measured minutes apart at most); when the
+    rounds do not line up, the settled figures alone."""
+    mine, theirs = row.get("rounds") or [], other.get("rounds") or []
+    if mine and len(mine) == len(theirs):
+        return list(zip(mine, theirs, strict=True))
+    return [({"throughput": row["throughput"], "latency": row["latency"]}, other)]
+
+
 def compare(row: dict[str, Any], rows: dict[str, dict[str, Any]]) -> None:
     """Fill ``added_latency_ms`` (over direct, one connection) and ``vs_bare`` (ratios to the
-    bare proxy with the same request and worker count) for a gateway or proxy row."""
-    tp: dict[str, Any] | None = row.get("throughput")
-    lat: dict[str, Any] | None = row.get("latency")
+    bare proxy with the same request and worker count) for a gateway or proxy row. With
+    several rounds each ratio is taken within a round, then the median across rounds."""
+    if not row.get("throughput") or not row.get("latency"):
+        return
     direct = rows.get(row.get("direct") or "")
-    if lat and direct and direct.get("latency"):
-        d = direct["latency"]
+    if direct and direct is not row and direct.get("latency"):
+        pairs = _paired(row, direct)
         row["added_latency_ms"] = {
-            "p50": round(lat["p50_ms"] - d["p50_ms"], 3),
-            "p99": round(lat["p99_ms"] - d["p99_ms"], 3),
-            "p999": round(lat["p999_ms"] - d["p999_ms"], 3),
+            q: round(_median([a["latency"][f"{q}_ms"] - b["latency"][f"{q}_ms"] for a, b in pairs]), 3)
+            for q in ("p50", "p99", "p999")
         }
     bare = rows.get(row.get("bare") or "")
-    if bare and bare is not row and tp and bare.get("throughput"):
-        b, bl = bare["throughput"], bare.get("latency") or {}
-        row["vs_bare"] = {
-            "rps": ratio(tp["rps"], b["rps"]),
-            "p50": ratio(tp["p50_ms"], b["p50_ms"]),
-            "p99": ratio(tp["p99_ms"], b["p99_ms"]),
-            "p999": ratio(tp["p999_ms"], b["p999_ms"]),
-        }
-        if lat and bl:
-            row["vs_bare"]["c1_p50"] = ratio(lat["p50_ms"], bl["p50_ms"])
-            row["vs_bare"]["c1_p99"] = ratio(lat["p99_ms"], bl["p99_ms"])
-        bare_added = bare.get("added_latency_ms")
-        if bare_added and row.get("added_latency_ms"):
-            row["vs_bare"]["added_p50"] = ratio(row["added_latency_ms"]["p50"], bare_added["p50"])
+    if not bare or bare is row or not bare.get("throughput"):
+        return
+    pairs = _paired(row, bare)
+
+    def med(run: str, field: str) -> float | None:
+        values = [ratio(a[run][field], b[run][field]) for a, b in pairs]
+        known = [v for v in values if v is not None]
+        return round(_median(known), 3) if known else None
+
+    row["vs_bare"] = {
+        "rps": med("throughput", "rps"),
+        "p50": med("throughput", "p50_ms"),
+        "p99": med("throughput", "p99_ms"),
+        "p999": med("throughput", "p999_ms"),
+        "c1_p50": med("latency", "p50_ms"),
+        "c1_p99": med("latency", "p99_ms"),
+    }
 
 
 def _ms(value: float | None) -> str:
