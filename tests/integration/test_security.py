@@ -232,6 +232,8 @@ CASES: list[Case] = [
     Case("asterisk-form", literal(b"OPTIONS * HTTP/1.1\r\nHost: gateway.test\r\nX-M: {m}\r\n\r\n"), 400),
     Case("connect", literal(b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\nX-M: {m}\r\n\r\n"), 400),
     Case("other-tenants-route", req("GET", "/private/x?{m}"), 403),
+    # Encoded letters decode to the restricted route's path: matched, and refused, as that route.
+    Case("encoded-letters-reach-the-same-route", req("GET", "/priv%61te/x?{m}"), 403),
     Case("case-changed-prefix", req("GET", "/SEC/x?{m}"), 404),
     # Request smuggling: conflicting or unusual framing is refused and the connection closed.
     Case(
