@@ -42,7 +42,7 @@ REQUESTS: Final = Counter(
 )
 REQUESTS_BY_TENANT: Final = Counter(
     "tenantgate_dp_tenant_requests",
-    "Requests by tenant as well (only with TENANTGATE_METRICS_TENANT_LABELS=1).",
+    "Requests by tenant too (only with TENANTGATE_METRICS_TENANT_LABELS=1; in addition to tenantgate_dp_requests).",
     ["route", "status_class", "tier", "tenant"],
 )
 REQUEST_SECONDS: Final = Histogram(
@@ -67,31 +67,31 @@ UPSTREAM_TIME: Final = web.RequestKey("tenantgate_upstream_seconds", float)
 
 
 class RequestMetrics:
-    """The per-request counter and histograms, with label children cached so that a request
+    """The per-request counter and histogram, with label children cached so that a request
     costs a dict lookup per family rather than a ``labels()`` call."""
 
-    __slots__ = ("_by_tenant", "_children", "_durations")
+    __slots__ = ("_by_tenant", "_children", "_durations", "_tenant_children")
 
     def __init__(self, *, tenant_labels: bool) -> None:
         self._by_tenant = tenant_labels
-        self._children: dict[tuple[str, ...], Counter] = {}
+        self._children: dict[tuple[str, int, str], Counter] = {}
+        self._tenant_children: dict[tuple[str, int, str, str], Counter] = {}
         self._durations = [REQUEST_SECONDS.labels(status_class=c) for c in STATUS_CLASSES]
 
     def observe(self, route_id: str, status_class: int, tier: str, tenant_id: str, seconds: float) -> None:
-        key = (
-            (route_id, STATUS_CLASSES[status_class], tier, tenant_id)
-            if self._by_tenant
-            else (
-                route_id,
-                STATUS_CLASSES[status_class],
-                tier,
-            )
-        )
+        key = (route_id, status_class, tier)
         child = self._children.get(key)
         if child is None:
-            family = REQUESTS_BY_TENANT if self._by_tenant else REQUESTS
-            child = self._children[key] = family.labels(*key)
+            child = self._children[key] = REQUESTS.labels(route_id, STATUS_CLASSES[status_class], tier)
         child.inc()
+        if self._by_tenant:
+            tenant_key = (route_id, status_class, tier, tenant_id)
+            by_tenant = self._tenant_children.get(tenant_key)
+            if by_tenant is None:
+                by_tenant = self._tenant_children[tenant_key] = REQUESTS_BY_TENANT.labels(
+                    route_id, STATUS_CLASSES[status_class], tier, tenant_id
+                )
+            by_tenant.inc()
         self._durations[status_class].observe(seconds)
 
 
