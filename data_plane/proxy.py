@@ -82,7 +82,7 @@ class Proxy:
         )
         if route.route.websocket and self._websockets is not None and websocket.is_upgrade(request.headers):
             url = self._dispatcher.choose_url(pool, raw_path, target.raw_query, key)
-            return await websocket.relay(request, self._websockets, url, headers, route.route.timeout_ms / 1000)
+            return await websocket.relay(request, self._websockets, url, headers, route.route.timeout_ms / 1000, rid)
         if request.body_exists and expects_continue(request.version, request.headers):
             # Admitted: now ask the client for the body (the upstream never sees Expect).
             await request.writer.write(CONTINUE)

@@ -63,6 +63,7 @@ async def relay(
     url: URL,
     headers: CIMultiDict[str],
     idle_timeout_s: float,
+    request_id: str,
 ) -> web.StreamResponse:
     """Upgrade the client, connect the upstream and relay until either side closes."""
     probe = web.WebSocketResponse()
@@ -79,6 +80,7 @@ async def relay(
             compress=False,
             max_msg_size=MAX_MESSAGE_BYTES,
         )
+        downstream.headers["X-Request-ID"] = request_id
         await downstream.prepare(request)
         await _bridge(downstream, upstream, idle_timeout_s, client.shutting_down)
         return downstream

@@ -55,6 +55,7 @@ async def test_text_and_binary_messages_flow_both_ways(env: Env, session: aiohtt
         env.url("/ws/echo?ws=1&case=ws-echo"), headers={"X-API-Key": env.key}, protocols=("chat.v2", "chat.v1")
     ) as ws:
         assert ws.protocol == "chat.v2"  # the upstream's choice, passed back to the client
+        rid = ws._response.headers["X-Request-ID"]
         await ws.send_str("hello")
         assert (await _receive(ws)).data == "hello"
         await ws.send_bytes(b"\x00\x01binary\xff")
@@ -67,6 +68,7 @@ async def test_text_and_binary_messages_flow_both_ways(env: Env, session: aiohtt
     (entry,) = env.proxy.seen("case=ws-echo")
     headers = {name.lower(): value for name, value in entry["headers"]}
     assert "x-api-key" not in headers
+    assert headers["x-request-id"] == rid
     assert headers["x-forwarded-for"] == "127.0.0.1"
     assert "x-tenant-id" in headers
     assert entry["ws_messages"][0] == "hello"
