@@ -10,6 +10,7 @@ import pytest
 
 from tests.integration.harness import (
     Processes,
+    http,
     start_control_plane,
     start_data_plane,
     start_echo,
@@ -66,6 +67,15 @@ def test_nacked_snapshot_keeps_the_old_config_and_shows_in_nodes(
     assert dp.status()["config_version"] == good
     assert dp.get("/api/x", {"X-API-Key": key}).status == 200  # the old config keeps serving
     assert "snapshot rejected; keeping the previous one" in dp.proc.log()
+    # Both planes count it, and say which version they hold and that the stream is up.
+    cp_metrics = http("GET", cp.admin_url + "/metrics").body.decode()
+    dp_metrics = http("GET", dp.status_url + "/metrics").body.decode()
+    assert "tenantgate_cp_config_nacks_total 1.0" in cp_metrics
+    assert f"tenantgate_cp_config_version {float(bad)}" in cp_metrics
+    assert "tenantgate_cp_connected_nodes 1.0" in cp_metrics
+    assert "tenantgate_dp_config_nacks_total 1.0" in dp_metrics
+    assert f"tenantgate_dp_config_version {float(good)}" in dp_metrics
+    assert "tenantgate_dp_cp_connected 1.0" in dp_metrics
 
     # The next good version (the path fixed) comes whole and heals the node.
     fixed = cp.api("PATCH", f"/admin/routes/{route['id']}", {"path": "/v2/*"}).json()["config_version"]
