@@ -448,3 +448,7 @@ def test_upstream_breaking_off_mid_body_cuts_the_client_connection(env: Env) -> 
     # The broken connection was not reused: the next request is answered in full.
     resp = env.request("GET", f"{prefix}/x?chunks=64")
     assert resp.status == 200 and len(resp.body) == 64 * 1024
+    # One warning line says what happened; no traceback.
+    log = env.dp.proc.log()
+    assert "upstream broke off mid-response" in log
+    assert "Traceback" not in log
