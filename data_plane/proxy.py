@@ -76,7 +76,7 @@ class Proxy:
         raw_path = strip_segments(target.raw_path, route.strip_count) if route.route.strip_prefix else target.raw_path
         headers = self._upstream_headers(request, tenant, rid)
         key = (
-            pool.hash_key(tenant.id if tenant is not None else None, request.remote, request.headers)
+            pool.hash_key(tenant.id if tenant is not None else None, self.client_ip(request), request.headers)
             if pool.hash_on
             else None
         )
@@ -127,6 +127,18 @@ class Proxy:
         finally:
             # Returns the connection to the pool only if the body was read to its end.
             exchange.close()
+
+    def client_ip(self, request: web.BaseRequest) -> str:
+        """The client's address: the peer, or behind trusted proxies the nearest address in
+        ``X-Forwarded-For`` that is not one of them (what a client cannot forge by prepending)."""
+        peer = request.remote or ""
+        if not self._trusted or not _is_trusted(peer, self._trusted):
+            return peer
+        hops = [hop.strip() for value in request.headers.getall("X-Forwarded-For", ()) for hop in value.split(",")]
+        for hop in reversed(hops):
+            if hop and not _is_trusted(hop, self._trusted):
+                return hop
+        return next((hop for hop in hops if hop), peer)
 
     def _upstream_headers(self, request: web.BaseRequest, tenant: Tenant | None, rid: str) -> CIMultiDict[str]:
         incoming = request.headers
