@@ -145,6 +145,8 @@ class RateLimiter:
             backend = self._local
             decision = self._local.decide_now(limits)
         else:
+            if decision.allowed:
+                self._local.record(limits)
             if limits.monthly_quota:
                 self._local.remember_quota(limits.tenant_id, decision.remaining[QUOTA])
         headers = rl_headers.response_headers(limits, decision)

@@ -5,7 +5,10 @@ last seen in the Redis heartbeats, remembered while Redis is down), at least 1. 
 quota cannot be counted locally, so each worker allows its share of what Redis last said was
 remaining for the tenant (nothing is enforced for a tenant this worker never saw decided).
 The windows are the same N+1 sub-bucket sliding windows as the Redis script's, on a
-monotonic clock passed in. State is dropped when Redis comes back (:meth:`clear`).
+monotonic clock passed in. The windows are kept warm while Redis decides (:meth:`record`
+counts every request Redis admitted here), so a fallback starts from what this node has
+just admitted rather than from zero: a node that already served its share of the window
+admits no more when Redis goes away.
 """
 
 from __future__ import annotations
@@ -91,11 +94,35 @@ class LocalBackend:
         self._quota_seen[tenant_id] = remaining
 
     def clear(self) -> None:
-        self._windows.clear()
-        self._route_windows.clear()
+        """Redis decides again: forget the fallback's own buckets and quota use. The windows
+        stay (they age by themselves); in-flight counts too (those requests release here)."""
         self._buckets.clear()
         self._quota_used.clear()
-        # In-flight counts stay: those requests still release their leases here.
+
+    def record(self, limits: Limits) -> None:
+        """Count one request Redis admitted (its windows only)."""
+        now = self._clock() * 1000
+        if limits.per_minute > 0:
+            window = self._tenant_window(limits.tenant_id, 0, self._minute_ms)
+            window.add(window.advance(now))
+        if limits.per_hour > 0:
+            window = self._tenant_window(limits.tenant_id, 1, 60 * self._minute_ms)
+            window.add(window.advance(now))
+        if limits.route_limit > 0:
+            window = self._route_window(limits.tenant_id, limits.route_id)
+            window.add(window.advance(now))
+
+    def _tenant_window(self, tenant_id: str, which: int, span_ms: float) -> SlidingWindow:
+        window = self._windows.get((tenant_id, which))
+        if window is None:
+            window = self._windows[(tenant_id, which)] = SlidingWindow(span_ms)
+        return window
+
+    def _route_window(self, tenant_id: str, route_id: str) -> SlidingWindow:
+        window = self._route_windows.get((tenant_id, route_id))
+        if window is None:
+            window = self._route_windows[(tenant_id, route_id)] = SlidingWindow(self._minute_ms)
+        return window
 
     async def decide(self, limits: Limits, lease: str) -> Decision:
         return self.decide_now(limits)
@@ -123,20 +150,15 @@ class LocalBackend:
             retry = max(retry, ms)
 
         windows: list[tuple[int, SlidingWindow, int, int]] = []  # slot, window, share, bucket
-        for slot, limit, span, key in (
-            (MINUTE, limits.per_minute, self._minute_ms, (limits.tenant_id, 0)),
-            (HOUR, limits.per_hour, 60 * self._minute_ms, (limits.tenant_id, 1)),
+        for slot, limit, which, span in (
+            (MINUTE, limits.per_minute, 0, self._minute_ms),
+            (HOUR, limits.per_hour, 1, 60 * self._minute_ms),
         ):
             if limit > 0:
-                window = self._windows.get(key)
-                if window is None:
-                    window = self._windows[key] = SlidingWindow(span)
+                window = self._tenant_window(limits.tenant_id, which, span)
                 windows.append((slot, window, max(1, limit // nodes), window.advance(now)))
         if limits.route_limit > 0:
-            rkey = (limits.tenant_id, limits.route_id)
-            window = self._route_windows.get(rkey)
-            if window is None:
-                window = self._route_windows[rkey] = SlidingWindow(self._minute_ms)
+            window = self._route_window(limits.tenant_id, limits.route_id)
             windows.append((ROUTE, window, max(1, limits.route_limit // nodes), window.advance(now)))
         for slot, window, share, _ in windows:
             if window.total + 1 > share:

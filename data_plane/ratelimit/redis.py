@@ -5,8 +5,10 @@ the commands of all requests that arrive within one event-loop tick — decision
 releases, lease renewals — travel in one pipelined round trip (per cluster node with
 ``TENANTGATE_REDIS_CLUSTER=1``). The script is loaded once and reloaded on ``NOSCRIPT``.
 
-Failure handling is a circuit: a batch that errors or exceeds ``RATELIMIT_TIMEOUT_MS``
-opens it, and while it is open no request touches Redis (the limiter falls back at once);
+Failure handling is a circuit: a batch that errors opens it, one that exceeds
+``RATELIMIT_TIMEOUT_MS`` opens it unless a probe finds Redis answering (a late answer may be
+this worker's own busy loop), and while it is open no request touches Redis (the limiter
+falls back at once);
 :meth:`RedisBackend.watch_health` probes in the background and closes it when Redis answers.
 The same loop keeps this worker's heartbeat in Redis (``tenantgate:nodes``, a sorted set of
 node id → expiry) so every worker knows how many live nodes share a limit when it has to
@@ -23,11 +25,12 @@ than the window, so a client pacing exactly at the limit is admitted at least N/
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from importlib import resources
 from typing import Any, Final
 
@@ -53,6 +56,8 @@ MAX_IN_FLIGHT: Final = 2
 # Lease releases and renewals wait this long for a decision's batch to ride along with,
 # rather than cost a round trip of their own.
 LAZY_FLUSH_S: Final = 0.005
+# Loop turns a batch past its deadline gets to read an answer that is already there.
+GRACE_TURNS: Final = 3
 # How often a healthy worker beats (and renews leases); how often an open circuit probes.
 HEARTBEAT_S: Final = 1.0
 PROBE_S: Final = 0.2
@@ -121,6 +126,7 @@ class RedisBackend:
         self._pending: list[_Pending] = []
         self._flush_scheduled = False
         self._lazy_flush: asyncio.TimerHandle | None = None
+        self._probe: asyncio.Task[bool] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         # Leases of this worker's requests in flight: lease → (key, acquired at by the wall clock).
         self._leases: dict[str, tuple[str, float]] = {}
@@ -204,19 +210,18 @@ class RedisBackend:
     async def _send(self, batch: list[_Pending], deadline: float) -> None:
         started = time.perf_counter()
         try:
-            async with asyncio.timeout_at(deadline):
-                replies = await self._execute(batch)
-                retry = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-                if retry:
-                    await self._client.script_load(SCRIPT)
-                    again = await self._execute([batch[i] for i in retry])
-                    for i, reply in zip(retry, again, strict=True):
-                        replies[i] = reply
-        except (TimeoutError, RedisError, OSError) as exc:
+            replies = await _within(self._execute_reloading(batch), deadline)
+        except TimeoutError as exc:
+            # Late is not necessarily down: this worker's own loop may have been too busy to
+            # read the answer. These requests fall back; the circuit opens only if a probe
+            # cannot reach Redis either.
+            metrics.REDIS_ERRORS.inc()
+            _fail(batch, exc)
+            self._confirm_down()
+            return
+        except (RedisError, OSError) as exc:
             self._trip(exc)
-            for _, fut in batch:
-                if fut is not None and not fut.done():
-                    fut.set_exception(LimiterUnavailable(f"Redis: {exc!r}"))
+            _fail(batch, exc)
             return
         metrics.REDIS_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(batch))
@@ -227,6 +232,16 @@ class RedisBackend:
                 fut.set_exception(LimiterUnavailable(f"Redis: {reply!r}"))
             else:
                 fut.set_result(reply)
+
+    async def _execute_reloading(self, batch: list[_Pending]) -> list[Any]:
+        replies = await self._execute(batch)
+        retry = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if retry:
+            await self._client.script_load(SCRIPT)
+            again = await self._execute([batch[i] for i in retry])
+            for i, reply in zip(retry, again, strict=True):
+                replies[i] = reply
+        return replies
 
     async def _execute(self, batch: list[_Pending]) -> list[Any]:
         pipe = self._client.pipeline(transaction=False)
@@ -243,6 +258,10 @@ class RedisBackend:
     def on_recover(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever the circuit closes again (e.g. to drop local state)."""
         self._recover_callbacks.append(callback)
+
+    def _confirm_down(self) -> None:
+        if self.ok and (self._probe is None or self._probe.done()):
+            self._probe = asyncio.get_running_loop().create_task(self.ping())
 
     def _trip(self, exc: BaseException) -> None:
         metrics.REDIS_ERRORS.inc()
@@ -301,9 +320,41 @@ class RedisBackend:
         """Send what is queued (lease releases), wait for the batches out, close."""
         if self._pending and self.ok:
             self._flush()
+        if self._probe is not None:
+            await asyncio.gather(self._probe, return_exceptions=True)
         if self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
         await self._client.aclose()
+
+
+async def _within(work: Coroutine[Any, Any, list[Any]], deadline: float) -> list[Any]:
+    """``await work`` until ``deadline`` (loop time), else TimeoutError.
+
+    Unlike ``asyncio.timeout``, an answer that arrived by the deadline but was not read yet —
+    because this worker's loop was busy and runs the timer in the same turn as the socket —
+    still counts: the deadline gives the reading task a couple of loop turns first."""
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(work)
+    try:
+        await asyncio.wait((task,), timeout=max(0.0, deadline - loop.time()))
+        for _ in range(GRACE_TURNS):
+            if task.done():
+                break
+            await asyncio.sleep(0)
+        if not task.done():
+            raise TimeoutError
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def _fail(batch: list[_Pending], exc: BaseException) -> None:
+    for _, fut in batch:
+        if fut is not None and not fut.done():
+            fut.set_exception(LimiterUnavailable(f"Redis: {exc!r}"))
 
 
 def parse_reply(reply: list[int]) -> Decision:

@@ -167,7 +167,10 @@ async def test_a_silent_redis_opens_the_circuit_within_the_timeout() -> None:
     try:
         with pytest.raises(LimiterUnavailable):
             await backend.decide(limits, "")
-        assert not backend.ok
+        # Late once: a probe must find Redis silent too before the circuit opens.
+        async with asyncio.timeout(5):
+            while backend.ok:
+                await asyncio.sleep(0.01)
         sent = backend.round_trips
         with pytest.raises(LimiterUnavailable):  # while the circuit is open, nothing is sent
             await backend.decide(limits, "")
@@ -247,3 +250,25 @@ async def test_leases_of_long_requests_are_renewed(redis_url: str) -> None:
     renewed = client.zscore(limits.keys[5], admission.lease)
     client.close()
     assert renewed is not None and renewed >= first
+
+
+def test_a_fallback_starts_from_what_redis_admitted_here() -> None:
+    now = [50.0]
+    local = LocalBackend(60, lambda: 2, clock=lambda: now[0])
+    limits = Limits(
+        tenant_id="t",
+        route_id="r",
+        per_minute=20,
+        per_hour=0,
+        route_limit=0,
+        burst=0,
+        monthly_quota=0,
+        max_concurrency=0,
+        keys=("a", "b", "c", "d", "e", "f"),
+        policies=(),
+        policy_header="",
+    )
+    for _ in range(7):  # admitted by Redis on this node while it was up
+        local.record(limits)
+    local.clear()  # Redis went and came back: the windows are kept
+    assert sum(local.decide_now(limits).allowed for _ in range(10)) == 3  # 20 ÷ 2 nodes, 7 used
