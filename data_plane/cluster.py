@@ -63,9 +63,10 @@ CHANNEL_OPTIONS: Final = [
     ("grpc.enable_retries", 0),
 ]
 # The journal of deltas on disk is folded into a whole snapshot once it is this much larger
-# than the snapshot file (or past the floor, for small configs).
-JOURNAL_COMPACT_RATIO: Final = 1.0
-JOURNAL_COMPACT_FLOOR_BYTES: Final = 1024 * 1024
+# than the snapshot file and past the floor: encoding a whole config again costs a large one
+# a second of CPU, so it is done rarely (replaying a long journal at start is cheap).
+JOURNAL_COMPACT_RATIO: Final = 4.0
+JOURNAL_COMPACT_FLOOR_BYTES: Final = 64 * 1024 * 1024
 # After an update this large (or a full snapshot) the live objects are frozen (gc.freeze).
 FREEZE_AFTER_OBJECTS: Final = 1000
 # The interpreter's thread switch interval while an update compiles (see ConfigClient._apply).
@@ -176,6 +177,11 @@ class ConfigClient:
             except aio.AioRpcError as exc:
                 received = False
                 self._disconnected(exc)
+            except Exception:
+                # Whatever went wrong, this task must live on: without it the node never
+                # hears of a change again.
+                received = False
+                log.exception("config stream failed; reconnecting")
             finally:
                 self.status.connected = False
                 CP_CONNECTED.set(0)
@@ -219,12 +225,13 @@ class ConfigClient:
             )
             call = watch(metadata=self._metadata)
             have = self._holder.current.version if self._holder.current is not None else 0
-            await call.write(
+            await _send(
+                call,
                 cluster_pb2.WatchRequest(
                     hello=cluster_pb2.Hello(
                         node_id=self._node_id, last_version=have, software_version=shared.__version__
                     )
-                )
+                ),
             )
             # The control plane sends its headers once it has accepted the token and the Hello,
             # even when this node is already up to date and no snapshot follows. A refusal
@@ -238,7 +245,7 @@ class ConfigClient:
                     return received
                 self._on_connected()
                 received = True
-                await call.write(await self._apply(raw))
+                await _send(call, await self._apply(raw))
 
     def _on_connected(self) -> None:
         if not self.status.connected:
@@ -327,6 +334,16 @@ class ConfigClient:
                 log.warning("cannot save the snapshot to disk", extra={"error": str(exc)})
 
         self._saving = asyncio.ensure_future(save())
+
+
+async def _send(call: aio.StreamStreamCall, msg: cluster_pb2.WatchRequest) -> None:
+    """Write on the stream; if it has ended meanwhile (the control plane refused it, went
+    away while an update was being applied), raise its status as the error it is."""
+    try:
+        await call.write(msg)
+    except asyncio.InvalidStateError:
+        code = await call.code()
+        raise aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), details=await call.details()) from None
 
 
 def _size(delta: cluster_pb2.SnapshotDelta) -> int:
