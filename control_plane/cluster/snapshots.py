@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
@@ -158,14 +158,14 @@ def _live(values: Iterable[_T | None]) -> tuple[_T, ...]:
     return tuple(v for v in values if v is not None)
 
 
-def _rows_by_kind(rows: config_store.ConfigRows) -> dict[str, dict[str, object]]:
+def _rows_by_kind(rows: config_store.ConfigRows) -> dict[str, Mapping[str, object]]:
     return {
-        "tenants": dict(rows.tenants),
-        "api_keys": dict(rows.api_keys),
-        "routes": dict(rows.routes),
-        "jwt_issuers": dict(rows.jwt_issuers),
-        "oauth_clients": dict(rows.oauth_clients),
-        "signing_keys": dict(rows.signing_keys),
+        "tenants": rows.tenants,
+        "api_keys": rows.api_keys,
+        "routes": rows.routes,
+        "jwt_issuers": rows.jwt_issuers,
+        "oauth_clients": rows.oauth_clients,
+        "signing_keys": rows.signing_keys,
     }
 
 
@@ -201,6 +201,11 @@ def build(previous: Catalog | None, rows: config_store.ConfigRows) -> Published:
         changed[kind] = {oid for oid, entry in new_entries.items() if old.get(oid) != entry}
         entries[kind] = merged
 
+    if not rows.full and not rows.routes:
+        catalog = Catalog(rows.version, built_at_ms, entries, previous.route_seq)
+        delta = _delta(previous.version, partial, changed, removed, [])
+        return Published(catalog, previous.version, delta, (time.perf_counter() - started) * 1000)
+
     # Routes: order is meaning. A node applying the delta keeps each surviving route where it
     # was and appends new ones; that is the snapshot's order unless a route came back with an
     # older seq (reactivated) or the full read found them reordered.
@@ -223,10 +228,8 @@ def build(previous: Catalog | None, rows: config_store.ConfigRows) -> Published:
         in_order = in_order and kept == [oid for oid in entries["routes"] if oid in previous.entries["routes"]]
 
     catalog = Catalog(rows.version, built_at_ms, entries, seqs)
-    delta: bytes | None = None
-    if in_order:
-        delta = _delta(previous.version, partial, changed, removed, [oid for oid in added])
-    return Published(catalog, previous.version, delta, (time.perf_counter() - started) * 1000)
+    ordered_delta = _delta(previous.version, partial, changed, removed, added) if in_order else None
+    return Published(catalog, previous.version, ordered_delta, (time.perf_counter() - started) * 1000)
 
 
 def _delta(
