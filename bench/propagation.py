@@ -22,6 +22,7 @@ orders of magnitude, not the last digit.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import re
 import shutil
@@ -65,6 +66,16 @@ class Node:
                 return round(int(line.split()[1]) / 1024, 1)
         return 0.0
 
+    def last_full_apply(self) -> tuple[float, int, float, float]:
+        """(when it ended as a Unix time, version, compile_ms, apply_ms) of the last full snapshot."""
+        text = self.service.log_path.read_text(errors="replace")
+        for line in reversed(text.splitlines()):
+            m = _APPLIED.search(line)
+            if m and m[2] == "full":
+                ended = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                return ended, int(m[1]), float(m[3]), float(m[4])
+        raise RuntimeError(f"{self.service.name} applied no full snapshot")
+
     def applied(self) -> list[tuple[int, str, float, float]]:
         """(version, kind, compile_ms, apply_ms) of every update this node logged."""
         return [
@@ -98,7 +109,7 @@ def start_control_plane(stack: Stack, database_url: str, cluster_port: int | Non
         "TENANTGATE_CLUSTER_TOKEN": CLUSTER_TOKEN,
         "TENANTGATE_ADMIN_LISTEN": f"127.0.0.1:{admin_port}",
         "TENANTGATE_CLUSTER_LISTEN": f"127.0.0.1:{cluster_port}",
-        "TENANTGATE_LOG_LEVEL": "warning",
+        "TENANTGATE_LOG_LEVEL": "info",
         "TENANTGATE_LOG_FORMAT": "text",
     }
     service = stack.spawn("control-plane", [python(), "-m", "control_plane"], env=env)
@@ -200,48 +211,69 @@ def wait_version(nodes: list[Node], version: int, timeout: float = 600) -> None:
 
 
 def probe_during_full_apply(
-    stack: Stack, database_url: str, cp: Service, cluster_addr: str, redis_url: str, seed_dir: Path, path: str, key: str
+    stack: Stack,
+    database_url: str,
+    cp: Service,
+    cluster_addr: str,
+    redis_url: str,
+    seed_dir: Path,
+    control: Node,
+    path: str,
+    key: str,
 ) -> dict[str, Any]:
     """Restart the control plane (so no delta reaches back to the seed's version), start a node
     from the small config on disk while it is down, loop requests on it, then let the control
-    plane return: the node receives the large config whole while serving."""
+    plane return: the node receives the large config whole while serving. The same loop on
+    ``control``, a node with nothing to apply, tells what the machine's load alone costs."""
     stack.stop(cp)
     node = start_node(stack, cluster_addr, redis_url, "dp-probe", seed_dir, ready=True)
-    probe = Probe(node)
-    samples: list[tuple[float, float, int]] = []
+    samples: dict[str, list[tuple[float, float, int]]] = {"applying": [], "control": []}
     stop = threading.Event()
 
-    def loop() -> None:
+    def loop(target: Node, out: list[tuple[float, float, int]]) -> None:
+        probe = Probe(target)
         while not stop.is_set():
-            t0 = time.perf_counter()
+            wall, t0 = time.time(), time.perf_counter()
             status = probe.get(path, key)
-            samples.append((t0, (time.perf_counter() - t0) * 1000, status))
+            out.append((wall, (time.perf_counter() - t0) * 1000, status))
+            time.sleep(0.001)
 
-    thread = threading.Thread(target=loop)
-    thread.start()
+    threads = [
+        threading.Thread(target=loop, args=(node, samples["applying"])),
+        threading.Thread(target=loop, args=(control, samples["control"])),
+    ]
+    for thread in threads:
+        thread.start()
     try:
         time.sleep(2.0)  # the baseline, while the node serves from disk
         port = int(cluster_addr.rsplit(":", 1)[1])
-        new_cp, admin_url, _ = start_control_plane(stack, database_url, cluster_port=port)
+        _, admin_url, _ = start_control_plane(stack, database_url, cluster_port=port)
         big = api(admin_url, "GET", "/admin/config")["version"]
         wait_until(node.service, lambda: node.status()["config_version"] >= big, "full snapshot applied", 600)
         time.sleep(1.0)
     finally:
         stop.set()
-        thread.join()
-    applied = [a for a in node.applied() if a[1] == "full"]
-    version, _, compile_ms, apply_ms = applied[-1]
-    del version
-    baseline = [lat for t, lat, _ in samples[: max(1, len(samples) // 10)]]
+        for thread in threads:
+            thread.join()
+    end, _, compile_ms, apply_ms = node.last_full_apply()
+    start = end - apply_ms / 1000
+
+    def during(out: list[tuple[float, float, int]]) -> list[float]:
+        # Requests that were in flight at any moment of the apply.
+        return [lat for wall, lat, _ in out if wall <= end and wall + lat / 1000 >= start]
+
+    applying, control_lat = during(samples["applying"]), during(samples["control"])
+    baseline = [lat for wall, lat, _ in samples["applying"] if wall < start - 0.5]
     return {
         "apply_ms": apply_ms,
         "compile_ms": compile_ms,
-        "probe_requests": len(samples),
-        "probe_non_200": sum(1 for _, _, s in samples if s != 200),
-        "probe_baseline_p50_ms": round(statistics.median(baseline), 2),
-        "probe_worst_ms": round(max(lat for _, lat, _ in samples), 2),
+        "requests_during_apply": len(applying),
+        "non_200": sum(1 for _, _, status in samples["applying"] if status != 200),
+        "baseline_p50_ms": round(statistics.median(baseline), 2) if baseline else None,
+        "during_apply_p50_ms": round(statistics.median(applying), 2) if applying else None,
+        "during_apply_worst_ms": round(max(applying), 2) if applying else None,
+        "control_node_during_apply_worst_ms": round(max(control_lat), 2) if control_lat else None,
         "rss_after_mb": node.rss_mb(),
-        "new_control_plane": new_cp.pid > 0,
     }
 
 
@@ -283,20 +315,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["large"]["dp_rss_mb"] = [n.rss_mb() for n in nodes]
         deltas = [a[3] for a in nodes[0].applied() if a[1] == "delta" and a[0] > large.version]
         report["large"]["delta_apply_ms"] = _summary([d / 1000 for d in deltas])
-        small_key = dataset_key(small)
         report["large"]["full_apply"] = probe_during_full_apply(
-            stack, database_url, cp, cluster_addr, redis.url, seed, small.path, small_key
+            stack, database_url, cp, cluster_addr, redis.url, seed, nodes[1], small.path, small.api_key
         )
     finally:
         stack.stop_all()
         drop_database(POSTGRES_ADMIN_URL, db_name)
         redis.release()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep_logs is None:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            shutil.copytree(work, args.keep_logs, ignore=shutil.ignore_patterns("*-data", "seed", "dp-*[0-9]"))
+            shutil.rmtree(work, ignore_errors=True)
     return report
-
-
-def dataset_key(loaded: dataset.Loaded) -> str:
-    return loaded.api_key
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-tenants", type=int, default=10_000)
     parser.add_argument("--large-keys", type=int, default=100_000)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--keep-logs", type=Path, help="copy every process's log here")
     args = parser.parse_args(argv)
     report = run(args)
     text = json.dumps(report, indent=2)
