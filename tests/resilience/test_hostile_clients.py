@@ -1,0 +1,273 @@
+"""Hostile clients against one data plane: slowloris, idle connections, oversized headers and
+bodies, clients that never read their answer and a tenant flooding at 20x its limit, all at
+once (tests/resilience/hostile.py, in a process of its own). Meanwhile the data plane must stay
+within a memory bound and another tenant's p99 latency within 2x of its unloaded p99, measured
+first in the same test over the same number of requests."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.client import HTTPConnection
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import (
+    ControlPlane,
+    DataPlane,
+    Processes,
+    free_port,
+    http,
+    start_control_plane,
+    start_data_plane,
+    start_echo,
+    wait_for,
+)
+from tests.resilience.support import Figures, cpu_seconds, p99, rss_bytes
+
+pytestmark = [pytest.mark.resilience, pytest.mark.integration]
+
+MINUTE_S = 6
+FLOOD_LIMIT = 30  # the flooding tenant's requests per (6 s) minute: 5 per second
+FLOOD_RATE = 20 * FLOOD_LIMIT / MINUTE_S  # 20x its limit: 100 per second
+SAMPLES = 600  # victim requests per measurement: p99 is the 6th slowest
+VICTIM_INTERVAL_S = 0.01
+ATTACK_S = 14.0
+SLOWLORIS, IDLE, UNREAD = 200, 300, 20
+RSS_GROWTH_BOUND = 64 * 1024 * 1024
+MAX_BODY = 1024 * 1024
+
+
+@dataclass
+class Target:
+    cp: ControlPlane
+    dp: DataPlane
+    victim_key: str
+    hostile_key: str
+    flood_key: str
+
+
+def _tenant(cp: ControlPlane, name: str, per_minute: int) -> str:
+    resp = cp.api(
+        "POST",
+        "/admin/tenants",
+        {"name": name, "tier": "enterprise", "rate_limit_per_minute": per_minute, "rate_limit_per_hour": 10_000_000},
+    )
+    assert resp.status == 201, resp.body
+    key: str = resp.json()["api_key"]
+    return key
+
+
+@pytest.fixture
+def target(procs: Processes, database_url: str, redis_url: str) -> Iterator[Target]:
+    cp = start_control_plane(procs, database_url)
+    echo = start_echo(procs)
+    big_addr = f"127.0.0.1:{free_port()}"
+    big = procs.spawn("upstream-big", ["-m", "tests.integration.upstream_app", "--listen", big_addr, "--name", "big"])
+    wait_for(lambda: http("GET", f"http://{big_addr}/_control/stats").status == 200, what=f"upstream {big.name}")
+    for route in (
+        {"path": "/svc/*", "upstream": echo, "methods": ["GET", "POST"], "max_body_bytes": MAX_BODY},
+        {"path": "/big/*", "upstream": f"http://{big_addr}"},
+    ):
+        resp = cp.api("POST", "/admin/routes", route)
+        assert resp.status == 201, resp.body
+    keys = (_tenant(cp, "victim", 1_000_000), _tenant(cp, "hostile", 1_000_000), _tenant(cp, "flood", FLOOD_LIMIT))
+    dp = start_data_plane(
+        procs,
+        cp.cluster_addr,
+        redis_url,
+        TENANTGATE_RATELIMIT_MINUTE_S=str(MINUTE_S),
+        TENANTGATE_RATELIMIT_TIMEOUT_MS="250",
+        TENANTGATE_ACCESS_LOG="off",
+    )
+    version = cp.api("GET", "/admin/config").json()["version"]
+    wait_for(lambda: dp.status()["config_version"] >= version, what="the data plane synced")
+    yield Target(cp, dp, *keys)
+
+
+def _victim_latencies(dp: DataPlane, key: str, count: int) -> list[float]:
+    """``count`` paced requests of the victim tenant on one keep-alive connection; each must be 200."""
+    host, _, port = dp.proxy_url.removeprefix("http://").rpartition(":")
+    conn = HTTPConnection(host, int(port), timeout=10)
+    latencies: list[float] = []
+    try:
+        next_at = time.monotonic()
+        for i in range(count):
+            start = time.perf_counter()
+            conn.request("GET", f"/svc/victim/{i}", headers={"X-API-Key": key})
+            resp = conn.getresponse()
+            resp.read()
+            latencies.append(time.perf_counter() - start)
+            assert resp.status == 200, (i, resp.status)
+            next_at += VICTIM_INTERVAL_S
+            time.sleep(max(0.0, next_at - time.monotonic()))
+    finally:
+        conn.close()
+    return latencies
+
+
+def _open_fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+class RssSampler:
+    """The peak RSS of a process, sampled every 100 ms in the background."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = rss_bytes(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, rss_bytes(self.pid))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return self.peak
+
+
+def test_hostile_clients_leave_other_tenants_and_memory_alone(
+    procs: Processes, target: Target, figures: Figures
+) -> None:
+    dp, pid = target.dp, target.dp.proc.popen.pid
+    _victim_latencies(dp, target.victim_key, 100)  # warm up: connections, caches
+    unloaded = _victim_latencies(dp, target.victim_key, SAMPLES)
+    rss_before, fds_before = rss_bytes(pid), _open_fds(pid)
+
+    host, _, port = dp.proxy_url.removeprefix("http://").rpartition(":")
+    cfg = {
+        "host": host,
+        "port": int(port),
+        "seconds": ATTACK_S,
+        "key": target.hostile_key,
+        "flood_key": target.flood_key,
+        "flood_rate": FLOOD_RATE,
+        "slowloris": SLOWLORIS,
+        "idle": IDLE,
+        "unread": UNREAD,
+    }
+    attack = procs.spawn("hostile", ["-m", "tests.resilience.hostile", json.dumps(cfg)])
+    sampler = RssSampler(pid)
+    try:
+        # Every attack connection is open before the victim measures.
+        wait_for(
+            lambda: _open_fds(pid) >= fds_before + SLOWLORIS + IDLE + UNREAD,
+            timeout=ATTACK_S / 2,
+            what="the hostile connections to be open",
+        )
+        started, dp_cpu, attack_cpu = time.monotonic(), cpu_seconds(pid), cpu_seconds(attack.popen.pid)
+        loaded = _victim_latencies(dp, target.victim_key, SAMPLES)
+        elapsed = time.monotonic() - started
+        dp_cpu, attack_cpu = cpu_seconds(pid) - dp_cpu, cpu_seconds(attack.popen.pid) - attack_cpu
+        assert elapsed < ATTACK_S / 2 + 5, "the victim measurement outlasted the attack"
+        assert attack.alive(), "the attack ended before the victim's measurement did"
+    finally:
+        peak = sampler.stop()
+    assert attack.popen.wait(timeout=ATTACK_S + 30) == 0, attack.log()
+    outcome: dict[str, dict[str, int]] = json.loads(attack.log().strip().splitlines()[-1])
+    print(json.dumps(outcome), file=sys.stderr)
+
+    p99_before, p99_during = p99(unloaded), p99(loaded)
+    latency_ok = p99_during <= 2 * p99_before
+    growth = peak - rss_before
+    memory_ok = growth <= RSS_GROWTH_BOUND
+    figures.add(
+        "hostile: other tenant's latency",
+        "p99 under attack ≤ 2x unloaded p99",
+        latency_ok,
+        samples=SAMPLES,
+        p99_unloaded_ms=p99_before * 1000,
+        p99_attacked_ms=p99_during * 1000,
+        ratio=p99_during / p99_before,
+        dp_cpu_pct=100 * dp_cpu / elapsed,
+        attackers_cpu_pct=100 * attack_cpu / elapsed,
+    )
+    figures.add(
+        "hostile: data plane memory",
+        f"RSS growth ≤ {RSS_GROWTH_BOUND >> 20} MiB",
+        memory_ok,
+        rss_before_mib=rss_before / 2**20,
+        rss_peak_mib=peak / 2**20,
+        growth_mib=growth / 2**20,
+    )
+    flood = outcome.get("flood", {})
+    admitted = flood.get("200", 0)
+    # 20x the limit for ATTACK_S: at most the limit per started window is admitted.
+    flood_bound = FLOOD_LIMIT * (int(ATTACK_S / MINUTE_S) + 1)
+    answers_ok = (
+        set(outcome.get("big_header", {})) == {"400"}
+        and set(outcome.get("big_body", {})) == {"413"}
+        and set(flood) <= {"200", "429"}
+        and admitted <= flood_bound
+        and outcome.get("unread") == {"held to the end": UNREAD}
+    )
+    figures.add(
+        "hostile: answers to the attackers",
+        f"big header 400, big body 413, flood 429 (≤ {flood_bound} admitted), unread held",
+        answers_ok,
+        **{k: json.dumps(v).replace(",", ";") for k, v in sorted(outcome.items())},
+    )
+    assert latency_ok, (p99_before, p99_during)
+    assert memory_ok, growth
+    assert answers_ok, outcome
+    # And the node is whole afterwards.
+    assert dp.get("/svc/after", headers={"X-API-Key": target.victim_key}).status == 200
+
+
+STALLED = 40
+STALLED_BOUND = 512 * 1024  # per connection: aiohttp's read buffer (128 KiB) + write buffer (64 KiB), doubled
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="upstream streaming: each client that never reads a large streamed answer holds about 1.8 MiB "
+    "of data-plane memory (linear: 20 clients +42 MiB, 60 clients +111 MiB), not the few hundred KiB "
+    "of read and write buffers the stream should be bounded by",
+)
+def test_clients_that_never_read_hold_a_bounded_buffer_each(target: Target, figures: Figures) -> None:
+    dp, pid = target.dp, target.dp.proc.popen.pid
+    assert dp.get("/big/warm?chunks=64", headers={"X-API-Key": target.victim_key}).status == 200
+    before = rss_bytes(pid)
+    host, _, port = dp.proxy_url.removeprefix("http://").rpartition(":")
+    socks = []
+    try:
+        for _ in range(STALLED):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, int(port)))
+            sock.sendall(
+                b"GET /big/x?chunks=5120 HTTP/1.1\r\nHost: gateway\r\nX-API-Key: %s\r\n\r\n"
+                % target.victim_key.encode()
+            )
+            socks.append(sock)
+        # The memory the stalled streams hold stops growing once every buffer is full.
+        readings: list[int] = []
+
+        def settled() -> bool:
+            readings.append(rss_bytes(pid))
+            return len(readings) >= 10 and max(readings[-10:]) - min(readings[-10:]) < 1024 * 1024
+
+        wait_for(settled, timeout=30, interval=0.2, what="the data plane's memory to settle")
+        per_stream = (readings[-1] - before) / STALLED
+    finally:
+        for sock in socks:
+            sock.close()
+    ok = per_stream <= STALLED_BOUND
+    figures.add(
+        "hostile: memory per client that never reads a 5 MiB answer",
+        f"≤ {STALLED_BOUND >> 10} KiB each",
+        ok,
+        clients=STALLED,
+        kib_each=per_stream / 1024,
+    )
+    assert ok, per_stream
