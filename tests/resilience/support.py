@@ -332,8 +332,11 @@ class TcpBalancer:
 
 
 def start_balancer(procs: Processes, backends: Sequence[Backend]) -> HAProxy | TcpBalancer:
+    """HAProxy when installed, unless TENANTGATE_TEST_BALANCER=tcp asks for the fallback."""
     binary = haproxy_binary()
-    return HAProxy(procs, backends, binary) if binary else TcpBalancer(backends)
+    if binary and os.environ.get("TENANTGATE_TEST_BALANCER", "haproxy") != "tcp":
+        return HAProxy(procs, backends, binary)
+    return TcpBalancer(backends)
 
 
 # --- steady load -------------------------------------------------------------------------------

@@ -440,8 +440,12 @@ def test_one_upstream_target_killed(cluster: Cluster) -> None:
 
 def test_control_plane_restart_has_no_data_plane_impact(cluster: Cluster) -> None:
     start = time.monotonic()
-    assert cluster.cp.proc.stop(signal.SIGTERM) == 0, cluster.cp.proc.log()[-3000:]
+    # SIGTERM, as an orchestrator does, with its default 30 s grace before SIGKILL.
+    code = cluster.cp.proc.stop(signal.SIGTERM, timeout=30)
+    shutdown_s = time.monotonic() - start
+    log = cluster.cp.proc.log()[-3000:]
     cluster.cp.proc = respawn(cluster.procs, cluster.cp.proc, ["-m", "control_plane"])
+    assert code == 0, f"the control plane exited with {code} {shutdown_s:.1f}s after SIGTERM\n{log}"
     recover_s = time_until(
         lambda: _answers(cluster.cp.admin_url + "/readyz") and all(s["cp_connected"] for s in cluster.statuses()),
         RECOVER_TIMEOUT_S,
@@ -462,6 +466,7 @@ def test_control_plane_restart_has_no_data_plane_impact(cluster: Cluster) -> Non
         not failed,
         requests=len(samples),
         failed=len(failed),
+        shutdown_s=shutdown_s,
         recover_s=recover_s,
     )
     assert not failed, _describe(failed)
