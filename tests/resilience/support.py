@@ -114,28 +114,59 @@ class RedisServer:
                 self.proc.wait()
 
 
-class SlowLink:
-    """A TCP forwarder on a random loopback port that delays every chunk a client sends by
-    ``delay_s`` before passing it on (answers come back at once): a Redis that is reachable and
-    healthy, only far away."""
+class LoopServer:
+    """A TCP server on 127.0.0.1:<port> with an event loop of its own in a thread. :meth:`stop`
+    cancels every connection it holds and closes the loop, so nothing is left running after."""
 
-    def __init__(self, target_port: int, delay_s: float) -> None:
+    def __init__(self) -> None:
         self.port = free_port()
-        self.target_port = target_port
-        self.delay_s = delay_s
         self._loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
         self._started = threading.Event()
-        self._thread = threading.Thread(target=lambda: self._loop.run_until_complete(self._main()), daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-        self._started.wait(10)
+        if not self._started.wait(10):
+            raise AssertionError(f"{type(self).__name__} did not start")
+
+    def _run(self) -> None:
+        try:
+            self._loop.run_until_complete(self._main())
+        finally:
+            self._loop.close()
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
         server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+        self._background()
         self._started.set()
         await self._stop.wait()
         server.close()
+        current = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _background(self) -> None:
+        """Start tasks that run beside the server (none by default)."""
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self._stop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=10)
+
+
+class SlowLink(LoopServer):
+    """A TCP forwarder that delays every chunk a client sends by ``delay_s`` before passing it
+    on (answers come back at once): a Redis that is reachable and healthy, only far away."""
+
+    def __init__(self, target_port: int, delay_s: float) -> None:
+        self.target_port = target_port
+        self.delay_s = delay_s
+        super().__init__()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -144,11 +175,6 @@ class SlowLink:
             writer.close()
             return
         await asyncio.gather(_pipe(reader, up_writer, self.delay_s), _pipe(up_reader, writer, 0.0))
-
-    def stop(self) -> None:
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=10)
 
 
 async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay_s: float) -> None:
@@ -260,7 +286,7 @@ class HAProxy:
                 self.popen.wait()
 
 
-class TcpBalancer:
+class TcpBalancer(LoopServer):
     """Round robin over TCP with HAProxy's ``option redispatch``: a connection that a backend
     refuses goes to the next one. Backends whose /readyz is not 200 are skipped (checked every
     500 ms, like the HAProxy configuration above). Connection level only, so it cannot name the
@@ -269,34 +295,18 @@ class TcpBalancer:
     kind = "tcp"
 
     def __init__(self, backends: Sequence[Backend]) -> None:
-        self.port = free_port()
         self.backends = list(backends)
         self._ready = {b.name: True for b in backends}
         self._order = itertools.cycle(range(len(backends)))
-        self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        started = threading.Event()
-        self._started = started
-        self._thread.start()
-        started.wait(10)
+        self._checker: asyncio.Task[None] | None = None
+        super().__init__()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._main())
-
-    async def _main(self) -> None:
-        self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
-        checker = asyncio.create_task(self._check())
-        self._started.set()
-        await self._stop.wait()
-        checker.cancel()
-        server.close()
+    def _background(self) -> None:
+        self._checker = asyncio.get_running_loop().create_task(self._check())
 
     async def _check(self) -> None:
         while True:
@@ -324,11 +334,6 @@ class TcpBalancer:
             return
         up_reader, up_writer = upstream
         await asyncio.gather(_pipe(reader, up_writer, 0.0), _pipe(up_reader, writer, 0.0))
-
-    def stop(self) -> None:
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=10)
 
 
 def start_balancer(procs: Processes, backends: Sequence[Backend]) -> HAProxy | TcpBalancer:
