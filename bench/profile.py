@@ -45,10 +45,10 @@ def record(pid: int, seconds: float, out: Path, *, native: bool, rate: int = 200
         "raw",
         "--output",
         str(out),
-        "--nonblocking",
     ]
-    if native:
-        command.append("--native")
+    # Non-blocking sampling never pauses the worker (so it barely slows it); py-spy can only
+    # unwind native frames from a paused process.
+    command.append("--native" if native else "--nonblocking")
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -83,6 +83,8 @@ def summarise(raw: Path) -> dict[str, Any]:
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     packages: Counter[str] = Counter()
+    # The project's own functions, inclusive: what each stage of the pipeline costs in all.
+    ours: Counter[str] = Counter()
     total = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack_text, _, count_text = line.rpartition(" ")
@@ -98,6 +100,8 @@ def summarise(raw: Path) -> dict[str, Any]:
         packages[_package(file)] += count
         for name in {f"{fn} ({fl})" for fn, fl in frames}:
             inclusive[name] += count
+        for name in {f"{fn} ({fl})" for fn, fl in frames if fl.startswith(("data_plane/", "shared/"))}:
+            ours[name] += count
 
     def share(counter: Counter[str], top: int) -> list[dict[str, Any]]:
         return [{"function": k, "samples": v, "share": round(v / total, 4)} for k, v in counter.most_common(top)]
@@ -106,6 +110,7 @@ def summarise(raw: Path) -> dict[str, Any]:
         "samples": total,
         "own": share(own, TOP),
         "inclusive": share(inclusive, TOP),
+        "project_inclusive": share(ours, 40),
         "packages": [{"package": k, "samples": v, "share": round(v / total, 4)} for k, v in packages.most_common(TOP)]
         if total
         else [],
@@ -117,6 +122,6 @@ def format_summary(summary: dict[str, Any], top: int = 15) -> str:
     lines += [f"  {e['share'] * 100:5.1f}%  {e['function']}" for e in summary["own"][:top]]
     lines.append("own time by package:")
     lines += [f"  {e['share'] * 100:5.1f}%  {e['package']}" for e in summary["packages"][:top]]
-    lines.append("inclusive (on the stack):")
-    lines += [f"  {e['share'] * 100:5.1f}%  {e['function']}" for e in summary["inclusive"][:top]]
+    lines.append("the project's functions, inclusive (on the stack):")
+    lines += [f"  {e['share'] * 100:5.1f}%  {e['function']}" for e in summary["project_inclusive"][:top]]
     return "\n".join(lines)
