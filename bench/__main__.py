@@ -280,24 +280,31 @@ def profile_path(run: Run, dp: gateway.DataPlane, name: str, shape: RequestShape
 
 
 def soak(run: Run, dp: gateway.DataPlane, shape: RequestShape) -> dict[str, Any]:
+    """Load for ``--soak`` minutes in chunks, RSS read after each: the first reading (after a
+    chunk of load, so pools and caches are warm) against the last says whether memory grows."""
     total_s = run.opts.soak_min * 60
-    chunk_s = min(60.0, total_s)
+    chunk_s = max(5.0, min(60.0, total_s / 10))
     run.say(f"  soak: {run.opts.soak_min:g} min of load at {run.opts.connections} connections ...")
+    before = memory(run, dp)["rss_mb_per_worker"]
     samples: list[dict[str, Any]] = []
     start = time.monotonic()
     requests = errors = 0
     while time.monotonic() - start < total_s:
-        result = run._load(dp.proxy_url, shape, run.opts.connections, chunk_s)
+        result = run._load(
+            dp.proxy_url, shape, run.opts.connections, min(chunk_s, total_s - (time.monotonic() - start))
+        )
         requests += result.requests
         errors += result.errors
         samples.append({"at_s": round(time.monotonic() - start, 1), "rps": result.rps, **memory(run, dp)})
     first, last = samples[0]["rss_mb_per_worker"], samples[-1]["rss_mb_per_worker"]
     growth = [round(b - a, 1) if a is not None and b is not None else None for a, b in zip(first, last, strict=False)]
+    run.say(f"  soak: RSS {first} MB after the first {chunk_s:.0f}s, {last} MB at the end")
     return {
         "minutes": run.opts.soak_min,
         "request": shape.path,
         "requests": requests,
         "errors": errors,
+        "rss_mb_before_load": before,
         "samples": samples,
         "rss_mb_start": first,
         "rss_mb_end": last,
