@@ -52,6 +52,7 @@ class Options:
     smoke: bool
     gateway_ref: str | None
     repeat: int
+    nginx: bool
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -76,6 +77,9 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--keys", type=int, default=100_000, help="large-config: API keys (default 100000)")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--no-nginx", action="store_true", help="use bench.upstream and no nginx baseline even if nginx is installed"
+    )
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of the key-auth path")
     parser.add_argument("--profile-seconds", type=float, default=15.0)
     parser.add_argument("--profile-native", action="store_true", help="include native frames (py-spy --native)")
@@ -127,6 +131,7 @@ def parse_args(argv: list[str] | None) -> Options:
         smoke=smoke,
         gateway_ref=args.gateway_ref,
         repeat=1 if smoke else args.repeat,
+        nginx=not args.no_nginx and nginx.available(),
     )
 
 
@@ -221,7 +226,7 @@ class Run:
 
 def start_upstream(run: Run) -> tuple[str, str]:
     port = procs.free_port()
-    if nginx.available():
+    if run.opts.nginx:
         conf = nginx.write_config(run.stack.workdir / "nginx-upstream", "127.0.0.1", port, upstream=None)
         service = run.stack.spawn("nginx-upstream", nginx.command(conf), cpus=run.place.load_cpus)
         kind = "nginx (return 200, fixed body)"
@@ -320,9 +325,11 @@ def execute(run: Run) -> dict[str, Any]:
     result["upstream"] = upstream_kind
     run.say(f"upstream: {upstream_kind} at {upstream}")
     _, bare_url = start_bare(run, upstream, 1, place.server_cpus)
-    nginx_url = start_nginx_proxy(run, upstream) if nginx.available() else None
+    nginx_url = start_nginx_proxy(run, upstream) if opts.nginx else None
     if nginx_url is None:
-        run.notes.append("nginx is not installed: no nginx reverse-proxy baseline (apt-get install nginx-light)")
+        run.notes.append(
+            "no nginx reverse-proxy baseline: nginx is not installed (apt-get install nginx-light) or --no-nginx"
+        )
 
     if opts.gateway_ref is not None:
         run.src = stack.workdir / "gateway-src"
