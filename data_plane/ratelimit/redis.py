@@ -53,9 +53,11 @@ SOCKET_TIMEOUT_S: Final = 0.5
 # Each batch has RATELIMIT_TIMEOUT_MS from the moment it is sent, so a command that had to
 # queue behind a full set of pipelines waits at most about twice that.
 MAX_IN_FLIGHT: Final = 2
-# Lease releases and renewals wait this long for a decision's batch to ride along with,
-# rather than cost a round trip of their own.
+# Lease renewals wait this long for a decision's batch to ride along with, rather than cost
+# a round trip of their own.
 LAZY_FLUSH_S: Final = 0.005
+# In closed mode a decision waits at least this long for a Redis that is reachable.
+CLOSED_MODE_WAIT_S: Final = SOCKET_TIMEOUT_S
 # Loop turns a batch past its deadline gets to read an answer that is already there.
 GRACE_TURNS: Final = 3
 # How often a healthy worker beats (and renews leases); how often an open circuit probes.
@@ -115,11 +117,17 @@ class RedisBackend:
         else:
             self._client = aioredis.Redis.from_url(url, health_check_interval=0, **options)
         self._timeout = settings.ratelimit_timeout_ms / 1000
+        if settings.ratelimit_failure_mode == "closed":
+            # Closed mode has no answer but Redis's: a late one is still worth waiting for
+            # while Redis is reachable; only an open circuit turns requests into 503s.
+            self._timeout = max(self._timeout, CLOSED_MODE_WAIT_S)
         self._minute_ms = settings.ratelimit_minute_s * 1000
         self._node_id = settings.node_id
         self._wall_clock = wall_clock
-        # ``ok`` is the circuit: True while requests may use Redis.
-        self.ok = False
+        # ``ok`` is the circuit: True while requests may use Redis. It starts closed: the
+        # first requests try Redis (and open it if Redis is away); the first probe runs at
+        # once. A node that starts must not refuse requests until a probe has run.
+        self.ok = True
         self.live_nodes = 1
         self.round_trips = 0
         self.commands = 0
@@ -167,7 +175,10 @@ class RedisBackend:
 
     def release(self, limits: Limits, lease: str) -> None:
         if self._leases.pop(lease, None) is not None and self.ok:
-            self._submit_lazy(("ZREM", limits.keys[5], lease))
+            # Not lazy: a client that sends its next request the moment this response ends
+            # must find the lease given back.
+            self._pending.append((("ZREM", limits.keys[5], lease), None))
+            self._schedule_flush(asyncio.get_running_loop())
 
     # --- auto-pipelining ---
 

@@ -65,11 +65,6 @@ def _closed_data_plane(procs: Processes, gateway: Gateway, redis: str, **env: st
     return dp
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rate limits: a Redis batch later than RATELIMIT_TIMEOUT_MS (25 ms by default) fails its "
-    "requests with 503 ratelimit_unavailable in closed mode although Redis is up and /status says redis_ok",
-)
 @pytest.mark.parametrize("link", [0.06], indirect=True)
 def test_closed_mode_serves_while_a_healthy_redis_answers_in_60ms(
     procs: Processes, gateway: Gateway, link: tuple[SlowLink, str], figures: Figures
@@ -88,11 +83,6 @@ def test_closed_mode_serves_while_a_healthy_redis_answers_in_60ms(
     assert statuses == Counter({200: REQUESTS})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rate limits: a data plane restarted from its disk snapshot answers /readyz 200 before its "
-    "first Redis probe has closed the circuit, and closed mode answers 503 ratelimit_unavailable until then",
-)
 @pytest.mark.parametrize("link", [0.15], indirect=True)
 def test_closed_mode_node_answers_from_the_moment_it_is_ready(
     procs: Processes, gateway: Gateway, link: tuple[SlowLink, str], figures: Figures

@@ -189,6 +189,7 @@ async def test_a_probe_that_reaches_redis_closes_the_circuit(redis_url: str) -> 
     limiter = rl.RateLimiter(_settings(redis_url), backend)
     recovered: list[bool] = []
     backend.on_recover(lambda: recovered.append(True))
+    backend.ok = False  # as after a failure
     try:
         assert limiter.mode == "local"
         assert await backend.ping()
