@@ -5,6 +5,8 @@ the current version (the recent deltas when they reach back to it, else one full
 then every newer version as a delta. A NACKed version is never resent; the next newer
 version is, as a full snapshot (the node's base is then the version before the NACKed one).
 A node that finds a delta on the wrong base asks for a resync and gets the full snapshot.
+A node ahead of this replica for longer than a replica needs to catch up holds another
+database's version (one restored from an older backup, or recreated): it gets ours whole.
 
 Per-node state lives in :class:`NodeRegistry`, which writes it to Postgres (on Hello, ACK,
 NACK, disconnect, and a heartbeat) so that every replica can answer ``GET /admin/nodes``.
@@ -58,6 +60,9 @@ SERVER_OPTIONS: Final = [
 ]
 # How often each replica rewrites its connected nodes' last_seen, and forgets long-gone nodes.
 HEARTBEAT_S: Final = 5.0
+# A node ahead of this replica's config for longer than this holds another database's
+# version: it gets the whole config. Twice the builder's safety-net poll.
+AHEAD_GRACE_S: Final = 10.0
 PRUNE_AFTER_S: Final = 24 * 3600.0
 PRUNE_INTERVAL_S: Final = 600.0
 
@@ -228,6 +233,12 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
         node = stream.node
         while not reader.done():
             current = self._cache.current
+            if current is not None and self._foreign(stream, current.version):
+                log.warning(
+                    "data plane holds a version this config never reached; sending the whole config",
+                    extra={"node_id": node.node_id, "node_version": stream.base, "config_version": current.version},
+                )
+                stream.base, stream.full_needed = 0, True
             if current is not None and current.version > stream.base and current.version != node.nacked_version:
                 if stream.full_needed:
                     version, payloads, full = current.version, [current.full()], True
@@ -242,11 +253,27 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
             seen = current.version if current is not None else 0
             newer = asyncio.ensure_future(self._cache.wait_newer(seen))
             woken = asyncio.ensure_future(stream.wake.wait())
-            await asyncio.wait({newer, woken, reader}, return_when=asyncio.FIRST_COMPLETED)
+            ahead = stream.ahead_since is not None
+            await asyncio.wait(
+                {newer, woken, reader}, timeout=AHEAD_GRACE_S if ahead else None, return_when=asyncio.FIRST_COMPLETED
+            )
             for waiter in (newer, woken):
                 waiter.cancel()
             await asyncio.gather(newer, woken, return_exceptions=True)
             stream.wake.clear()
+
+    @staticmethod
+    def _foreign(stream: _Stream, version: int) -> bool:
+        """Whether the node's version is ahead of this config for longer than a replica takes
+        to catch up with another: then it came from another database (recreated, restored
+        from a backup) and would otherwise never be sent anything."""
+        if stream.base <= version:
+            stream.ahead_since = None
+            return False
+        now = time.monotonic()
+        if stream.ahead_since is None:
+            stream.ahead_since = now
+        return now - stream.ahead_since >= AHEAD_GRACE_S
 
     async def _read_acks(self, context: aio.ServicerContext, stream: _Stream) -> None:
         node = stream.node
@@ -293,6 +320,8 @@ class _Stream:
     base: int = 0
     full_needed: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Since when the node has held a version newer than this replica's (see _foreign).
+    ahead_since: float | None = None
 
     def __post_init__(self) -> None:
         self.base = self.node.acked_version
