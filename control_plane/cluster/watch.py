@@ -65,6 +65,7 @@ HEARTBEAT_S: Final = 5.0
 AHEAD_GRACE_S: Final = 10.0
 PRUNE_AFTER_S: Final = 24 * 3600.0
 PRUNE_INTERVAL_S: Final = 600.0
+STORE_WARNING_INTERVAL_S: Final = 30.0
 
 
 @dataclass(slots=True)
@@ -106,6 +107,8 @@ class NodeRegistry:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_prune = 0.0
+        self._store_failing = False
+        self._last_store_warning = float("-inf")
 
     def connect(self, hello: cluster_pb2.Hello, address: str) -> NodeState:
         node = NodeState(hello.node_id, address, hello.software_version, acked_version=hello.last_version)
@@ -167,11 +170,22 @@ class NodeRegistry:
                 self._last_prune = time.monotonic()
                 await node_store.prune(self._db, PRUNE_AFTER_S)
         except StoreUnavailable as exc:
-            log.warning("cannot record data-plane nodes; retrying", extra={"error": str(exc)})
+            # Once when Postgres goes away, then at most every STORE_WARNING_INTERVAL_S: an
+            # outage is one story in the log, not a line a second.
+            now = time.monotonic()
+            if now - self._last_store_warning >= STORE_WARNING_INTERVAL_S:
+                self._last_store_warning = now
+                log.warning("cannot record data-plane nodes; retrying", extra={"error": str(exc)})
+            self._store_failing = True
             self._ended = ended + self._ended
             self._dirty = dirty | self._dirty
             await asyncio.sleep(1.0)
             self._wake.set()
+        else:
+            if self._store_failing:
+                self._store_failing = False
+                self._last_store_warning = float("-inf")
+                log.info("recording data-plane nodes again")
 
 
 class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
