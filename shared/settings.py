@@ -116,6 +116,8 @@ class Settings:
     cluster_tls_cert: Path | None = None
     cluster_tls_key: Path | None = None
     cluster_tls_ca: Path | None = None
+    # While the cluster token is rotated, the control plane also accepts the previous one.
+    cluster_token_previous: Secret | None = None
     # Names of the settings given explicitly (flag or environment) rather than defaulted.
     explicit: frozenset[str] = frozenset()
 
@@ -306,6 +308,11 @@ _SPECS: Final[dict[str, tuple[Callable[[str], Any], str | None, str]]] = {
     "REDIS_CLUSTER": (_parse_bool, "0", "1 when REDIS_URL points at a Redis Cluster"),
     "ADMIN_TOKEN": (_parse_token, None, "bootstrap admin token for the admin API"),
     "CLUSTER_TOKEN": (_parse_token, None, "shared secret data planes present to the control plane"),
+    "CLUSTER_TOKEN_PREVIOUS": (
+        _parse_token,
+        None,
+        "control plane: a second cluster token still accepted while data planes move to a new one",
+    ),
     "CP_ADDR": (_parse_host_port, DEFAULT_CP_ADDR, "control plane gRPC address a data plane connects to"),
     "PROXY_LISTEN": (_parse_host_port, DEFAULT_PROXY_LISTEN, "data plane proxy listener"),
     "STATUS_LISTEN": (_parse_host_port, DEFAULT_STATUS_LISTEN, "data plane status listener"),

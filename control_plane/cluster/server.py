@@ -43,7 +43,7 @@ async def start_cluster(
     replica = f"{socket.gethostname()}:{settings.cluster_listen.port}:{uuid.uuid4().hex[:8]}"
     registry = NodeRegistry(db, replica)
     server = create_server(
-        ClusterService(cache, settings.cluster_token, registry, usage),
+        ClusterService(cache, settings.cluster_token, registry, usage, settings.cluster_token_previous),
         credentials(settings),
         str(settings.cluster_listen),
     )

@@ -190,10 +190,16 @@ class NodeRegistry:
 
 class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
     def __init__(
-        self, cache: SnapshotCache, cluster_token: Secret, registry: NodeRegistry, usage: UsageIngest | None = None
+        self,
+        cache: SnapshotCache,
+        cluster_token: Secret,
+        registry: NodeRegistry,
+        usage: UsageIngest | None = None,
+        previous_token: Secret | None = None,
     ) -> None:
         self._cache = cache
-        self._token = cluster_token.reveal()
+        # The token, and during a rotation the previous one too (TENANTGATE_CLUSTER_TOKEN_PREVIOUS).
+        self._tokens = tuple(t.reveal() for t in (cluster_token, previous_token) if t is not None)
         self._registry = registry
         self._usage = usage
 
@@ -240,7 +246,9 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
     def _authorised(self, context: aio.ServicerContext) -> bool:
         for key, value in context.invocation_metadata() or ():
             if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                return keys.secrets_equal(value[len("Bearer ") :], self._token)
+                sent = value[len("Bearer ") :]
+                # Compare with every accepted token, never stopping early: timing tells nothing.
+                return sum(keys.secrets_equal(sent, token) for token in self._tokens) > 0
         return False
 
     async def _send_updates(self, context: aio.ServicerContext, stream: _Stream, reader: asyncio.Task[None]) -> None:

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.integration.harness import (
+    CLUSTER_TOKEN,
     Processes,
     start_control_plane,
     start_data_plane,
@@ -88,6 +89,23 @@ def test_wrong_cluster_token_is_refused_with_one_clear_line(
     # Retried with backoff, but said once.
     assert dp.proc.log().count("refused the cluster token") == 1, dp.proc.log()
     assert cp.api("GET", "/admin/nodes").json() == []
+
+
+def test_during_a_token_rotation_both_tokens_are_accepted_and_no_other(
+    procs: Processes, database_url: str, redis_url: str
+) -> None:
+    new_token = "the-new-cluster-token-0123456789"
+    cp = start_control_plane(
+        procs, database_url, TENANTGATE_CLUSTER_TOKEN=new_token, TENANTGATE_CLUSTER_TOKEN_PREVIOUS=CLUSTER_TOKEN
+    )
+    old_dp = start_data_plane(procs, cp.cluster_addr, redis_url)  # still on the previous token
+    new_dp = start_data_plane(procs, cp.cluster_addr, redis_url, TENANTGATE_CLUSTER_TOKEN=new_token)
+    stranger = start_data_plane(
+        procs, cp.cluster_addr, redis_url, wait_ready=False, TENANTGATE_CLUSTER_TOKEN="neither-of-the-two-tokens"
+    )
+    assert old_dp.status()["cp_connected"] and new_dp.status()["cp_connected"]
+    wait_for(lambda: "refused the cluster token" in stranger.status()["last_error"], what="the stranger refused")
+    assert stranger.status()["config_version"] == 0
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:

@@ -81,6 +81,8 @@ def _environment(container: dict[str, Any]) -> dict[str, str]:
         elif "secretKeyRef" in item["valueFrom"]:
             ref = item["valueFrom"]["secretKeyRef"]
             assert ref["name"] == secret["metadata"]["name"], item
+            if ref.get("optional") and ref["key"] not in secret["stringData"]:
+                continue  # unset, as Kubernetes leaves an optional key the Secret lacks
             env[item["name"]] = secret["stringData"][ref["key"]]
         else:
             env[item["name"]] = "pod-name-7d9f8-abcde"
