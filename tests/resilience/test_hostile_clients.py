@@ -1,12 +1,15 @@
 """Hostile clients against one data plane: slowloris, idle connections, oversized headers and
 bodies, clients that never read their answer and a tenant flooding at 20x its limit, all at
 once (tests/resilience/hostile.py, in a process of its own). Meanwhile the data plane must stay
-within a memory bound and another tenant's p99 latency within 2x of its unloaded p99, measured
-first in the same test over the same number of requests."""
+within a memory bound and another tenant's p99 latency within 2x of what it is, at the same
+moments, on an identical node nobody attacks (the unloaded p99, measured first in the same test,
+is reported beside it)."""
 
 from __future__ import annotations
 
 import json
+import math
+import signal
 import socket
 import sys
 import threading
@@ -36,9 +39,9 @@ pytestmark = [pytest.mark.resilience, pytest.mark.integration]
 MINUTE_S = 6
 FLOOD_LIMIT = 30  # the flooding tenant's requests per (6 s) minute: 5 per second
 FLOOD_RATE = 20 * FLOOD_LIMIT / MINUTE_S  # 20x its limit: 100 per second
-SAMPLES = 600  # victim requests per measurement: p99 is the 6th slowest
-VICTIM_INTERVAL_S = 0.01
-ATTACK_S = 14.0
+SAMPLES = 2000  # victim requests per node and measurement: p99 is the 20th slowest
+VICTIM_INTERVAL_S = 0.006
+ATTACK_S = 40.0
 SLOWLORIS, IDLE, UNREAD = 200, 300, 20
 RSS_GROWTH_BOUND = 64 * 1024 * 1024
 MAX_BODY = 1024 * 1024
@@ -47,7 +50,8 @@ MAX_BODY = 1024 * 1024
 @dataclass
 class Target:
     cp: ControlPlane
-    dp: DataPlane
+    dp: DataPlane  # the node under attack
+    control: DataPlane  # an identical node nobody attacks
     victim_key: str
     hostile_key: str
     flood_key: str
@@ -78,38 +82,49 @@ def target(procs: Processes, database_url: str, redis_url: str) -> Iterator[Targ
         resp = cp.api("POST", "/admin/routes", route)
         assert resp.status == 201, resp.body
     keys = (_tenant(cp, "victim", 1_000_000), _tenant(cp, "hostile", 1_000_000), _tenant(cp, "flood", FLOOD_LIMIT))
-    dp = start_data_plane(
-        procs,
-        cp.cluster_addr,
-        redis_url,
-        TENANTGATE_RATELIMIT_MINUTE_S=str(MINUTE_S),
-        TENANTGATE_RATELIMIT_TIMEOUT_MS="250",
-        TENANTGATE_ACCESS_LOG="off",
+    dp, control = (
+        start_data_plane(
+            procs,
+            cp.cluster_addr,
+            redis_url,
+            TENANTGATE_RATELIMIT_MINUTE_S=str(MINUTE_S),
+            TENANTGATE_RATELIMIT_TIMEOUT_MS="250",
+            TENANTGATE_ACCESS_LOG="off",
+        )
+        for _ in range(2)
     )
     version = cp.api("GET", "/admin/config").json()["version"]
-    wait_for(lambda: dp.status()["config_version"] >= version, what="the data plane synced")
-    yield Target(cp, dp, *keys)
+    for node in (dp, control):
+        wait_for(lambda node=node: node.status()["config_version"] >= version, what="the data planes synced")
+    yield Target(cp, dp, control, *keys)
 
 
-def _victim_latencies(dp: DataPlane, key: str, count: int) -> list[float]:
-    """``count`` paced requests of the victim tenant on one keep-alive connection; each must be 200."""
-    host, _, port = dp.proxy_url.removeprefix("http://").rpartition(":")
-    conn = HTTPConnection(host, int(port), timeout=10)
-    latencies: list[float] = []
+def _victim_latencies(nodes: tuple[DataPlane, ...], key: str, count: int) -> list[list[float]]:
+    """``count`` paced rounds of victim requests, one to each of ``nodes`` in turn (each on its
+    own keep-alive connection): every node's latencies, measured side by side. Each must be 200."""
+    conns = [HTTPConnection(*_address(node), timeout=10) for node in nodes]
+    latencies: list[list[float]] = [[] for _ in nodes]
     try:
         next_at = time.monotonic()
         for i in range(count):
-            start = time.perf_counter()
-            conn.request("GET", f"/svc/victim/{i}", headers={"X-API-Key": key})
-            resp = conn.getresponse()
-            resp.read()
-            latencies.append(time.perf_counter() - start)
-            assert resp.status == 200, (i, resp.status)
+            for conn, measured in zip(conns, latencies, strict=True):
+                start = time.perf_counter()
+                conn.request("GET", f"/svc/victim/{i}", headers={"X-API-Key": key})
+                resp = conn.getresponse()
+                resp.read()
+                measured.append(time.perf_counter() - start)
+                assert resp.status == 200, (i, resp.status)
             next_at += VICTIM_INTERVAL_S
             time.sleep(max(0.0, next_at - time.monotonic()))
     finally:
-        conn.close()
+        for conn in conns:
+            conn.close()
     return latencies
+
+
+def _address(node: DataPlane) -> tuple[str, int]:
+    host, _, port = node.proxy_url.removeprefix("http://").rpartition(":")
+    return host, int(port)
 
 
 def _open_fds(pid: int) -> int:
@@ -139,15 +154,18 @@ class RssSampler:
 def test_hostile_clients_leave_other_tenants_and_memory_alone(
     procs: Processes, target: Target, figures: Figures
 ) -> None:
-    dp, pid = target.dp, target.dp.proc.popen.pid
-    _victim_latencies(dp, target.victim_key, 100)  # warm up: connections, caches
-    unloaded = _victim_latencies(dp, target.victim_key, SAMPLES)
+    """The victim's latency is measured on the attacked node and, at the same moments, on an
+    identical node nobody attacks: what the shared machine does meanwhile weighs on both alike,
+    and the bound compares the two."""
+    dp, pid, nodes = target.dp, target.dp.proc.popen.pid, (target.dp, target.control)
+    _victim_latencies(nodes, target.victim_key, 100)  # warm up: connections, caches
+    unloaded, unloaded_control = _victim_latencies(nodes, target.victim_key, SAMPLES)
     rss_before, fds_before = rss_bytes(pid), _open_fds(pid)
 
-    host, _, port = dp.proxy_url.removeprefix("http://").rpartition(":")
+    host, port = _address(dp)
     cfg = {
         "host": host,
-        "port": int(port),
+        "port": port,
         "seconds": ATTACK_S,
         "key": target.hostile_key,
         "flood_key": target.flood_key,
@@ -157,6 +175,7 @@ def test_hostile_clients_leave_other_tenants_and_memory_alone(
         "unread": UNREAD,
     }
     attack = procs.spawn("hostile", ["-m", "tests.resilience.hostile", json.dumps(cfg)])
+    attack_started = time.monotonic()
     sampler = RssSampler(pid)
     try:
         # Every attack connection is open before the victim measures.
@@ -166,29 +185,33 @@ def test_hostile_clients_leave_other_tenants_and_memory_alone(
             what="the hostile connections to be open",
         )
         started, dp_cpu, attack_cpu = time.monotonic(), cpu_seconds(pid), cpu_seconds(attack.popen.pid)
-        loaded = _victim_latencies(dp, target.victim_key, SAMPLES)
+        loaded, control = _victim_latencies(nodes, target.victim_key, SAMPLES)
         elapsed = time.monotonic() - started
         dp_cpu, attack_cpu = cpu_seconds(pid) - dp_cpu, cpu_seconds(attack.popen.pid) - attack_cpu
-        assert elapsed < ATTACK_S / 2 + 5, "the victim measurement outlasted the attack"
-        assert attack.alive(), "the attack ended before the victim's measurement did"
+        assert attack.alive(), f"the attack ended {elapsed:.1f}s in, before the measurement did"
     finally:
         peak = sampler.stop()
-    assert attack.popen.wait(timeout=ATTACK_S + 30) == 0, attack.log()
+        attack.popen.send_signal(signal.SIGTERM)
+        attack_s = time.monotonic() - attack_started
+    assert attack.popen.wait(timeout=30) == 0, attack.log()
     outcome: dict[str, dict[str, int]] = json.loads(attack.log().strip().splitlines()[-1])
     print(json.dumps(outcome), file=sys.stderr)
 
-    p99_before, p99_during = p99(unloaded), p99(loaded)
-    latency_ok = p99_during <= 2 * p99_before
+    p99_before, p99_during, p99_control = p99(unloaded), p99(loaded), p99(control)
+    latency_ok = p99_during <= 2 * p99_control
     growth = peak - rss_before
     memory_ok = growth <= RSS_GROWTH_BOUND
     figures.add(
         "hostile: other tenant's latency",
-        "p99 under attack ≤ 2x unloaded p99",
+        "p99 on the attacked node ≤ 2x p99 on the unattacked node, same moments",
         latency_ok,
         samples=SAMPLES,
         p99_unloaded_ms=p99_before * 1000,
+        p99_unloaded_control_ms=p99(unloaded_control) * 1000,
         p99_attacked_ms=p99_during * 1000,
-        ratio=p99_during / p99_before,
+        p99_control_ms=p99_control * 1000,
+        ratio=p99_during / p99_control,
+        ratio_to_unloaded=p99_during / p99_before,
         dp_cpu_pct=100 * dp_cpu / elapsed,
         attackers_cpu_pct=100 * attack_cpu / elapsed,
     )
@@ -202,8 +225,8 @@ def test_hostile_clients_leave_other_tenants_and_memory_alone(
     )
     flood = outcome.get("flood", {})
     admitted = flood.get("200", 0)
-    # 20x the limit for ATTACK_S: at most the limit per started window is admitted.
-    flood_bound = FLOOD_LIMIT * (int(ATTACK_S / MINUTE_S) + 1)
+    # 20x the limit while the attack lasted: at most the limit per window it touched is admitted.
+    flood_bound = FLOOD_LIMIT * (math.ceil(attack_s / MINUTE_S) + 1)
     answers_ok = (
         set(outcome.get("big_header", {})) == {"400"}
         and set(outcome.get("big_body", {})) == {"413"}
@@ -217,7 +240,7 @@ def test_hostile_clients_leave_other_tenants_and_memory_alone(
         answers_ok,
         **{k: json.dumps(v).replace(",", ";") for k, v in sorted(outcome.items())},
     )
-    assert latency_ok, (p99_before, p99_during)
+    assert latency_ok, (p99_control, p99_during)
     assert memory_ok, growth
     assert answers_ok, outcome
     # And the node is whole afterwards.
