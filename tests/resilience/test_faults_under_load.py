@@ -58,6 +58,7 @@ pytestmark = [pytest.mark.resilience, pytest.mark.integration]
 MINUTE_S = 6  # TENANTGATE_RATELIMIT_MINUTE_S: a rate-limit "minute" of 6 s
 LIMIT = 20  # the limited tenant's requests per minute
 FLUSH_S = 0.5  # TENANTGATE_USAGE_FLUSH_INTERVAL_S
+SEND_ALLOWANCE_S = 1.0  # how long one usage report may take to send on a busy machine
 HOLD_SAMPLES = 150  # responses recorded while a fault holds (about 3 s of load)
 RECOVER_TIMEOUT_S = 30.0
 DP_ENV = {
@@ -66,10 +67,6 @@ DP_ENV = {
     "TENANTGATE_DRAIN_TIMEOUT_S": "5",
     "TENANTGATE_ACCESS_LOG": "off",
     "TENANTGATE_TRUSTED_PROXIES": "127.0.0.1/32",
-    # A Redis batch later than this fails its requests (503 in closed mode) although Redis is
-    # healthy; on a shared 2-core machine 25 ms (the default) is missed now and then.
-    # test_redis_link.py pins that behaviour down on its own.
-    "TENANTGATE_RATELIMIT_TIMEOUT_MS": "250",
     # Closed until the rolling restart, which brings every node back in open mode.
     "TENANTGATE_RATELIMIT_FAILURE_MODE": "closed",
 }
@@ -520,12 +517,14 @@ def _usage_total(cluster: Cluster, tenant_id: str) -> int:
 
 def _check_usage(cluster: Cluster, samples: list[Sample]) -> None:
     sent = {name: sum(1 for s in samples if s.tenant == name and s.from_gateway) for name in cluster.tenants}
-    # What a node that was SIGKILLed may take with it: its last report interval of answers,
-    # and requests it had in flight (answered by nobody, yet possibly counted).
+    # What a node that was SIGKILLed may take with it: the answers it counted since its last
+    # write to the spool (one report interval, plus the previous report's send, which the next
+    # interval waits for), and requests it had in flight (answered by nobody, yet maybe counted).
     lost_allowed = cut_allowed = 0
     if cluster.killed_dp is not None:
         victim, at = cluster.killed_dp
-        lost_allowed = sum(1 for s in samples if s.served_by == victim and at - 2 * FLUSH_S <= s.done <= at)
+        window = FLUSH_S + SEND_ALLOWANCE_S
+        lost_allowed = sum(1 for s in samples if s.served_by == victim and at - window <= s.done <= at)
         cut_allowed = sum(1 for s in samples if s.status in (0, 502) and not s.from_gateway and s.sent <= at)
 
     def settled() -> bool:
@@ -539,7 +538,7 @@ def _check_usage(cluster: Cluster, samples: list[Sample]) -> None:
     ok = lost <= lost_allowed and doubled <= cut_allowed
     cluster.figures.add(
         "faults: usage after all faults",
-        f"lost ≤ {lost_allowed} (SIGKILLed node's last interval), doubled ≤ {cut_allowed} (cut in flight)",
+        f"lost ≤ {lost_allowed} (SIGKILLed node's unspooled answers), doubled ≤ {cut_allowed} (cut in flight)",
         ok,
         sent=sum(sent.values()),
         counted=sum(counted.values()),
