@@ -253,9 +253,9 @@ STALLED_BOUND = 512 * 1024  # per connection: aiohttp's read buffer (128 KiB) + 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="upstream streaming: each client that never reads a large streamed answer holds about 1.8 MiB "
-    "of data-plane memory (linear: 20 clients +42 MiB, 60 clients +111 MiB), not the few hundred KiB "
-    "of read and write buffers the stream should be bounded by",
+    reason="upstream streaming: each client that never reads a large streamed answer holds about 1.4-1.8 MiB "
+    "of data-plane memory while it stalls (20 clients +42 MiB, 40 +60 MiB, 60 +111 MiB; reused by the next "
+    "stalled clients, not leaked), not the few hundred KiB of read and write buffers a stream should hold",
 )
 def test_clients_that_never_read_hold_a_bounded_buffer_each(target: Target, figures: Figures) -> None:
     dp, pid = target.dp, target.dp.proc.popen.pid
