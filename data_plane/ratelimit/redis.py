@@ -5,10 +5,12 @@ the commands of all requests that arrive within one event-loop tick — decision
 releases, lease renewals — travel in one pipelined round trip (per cluster node with
 ``TENANTGATE_REDIS_CLUSTER=1``). The script is loaded once and reloaded on ``NOSCRIPT``.
 
-Failure handling is a circuit: a batch that errors opens it, one that exceeds
-``RATELIMIT_TIMEOUT_MS`` opens it unless a probe finds Redis answering (a late answer may be
-this worker's own busy loop), and while it is open no request touches Redis (the limiter
-falls back at once);
+Failure handling is a circuit: a batch that errors opens it. A batch that exceeds
+``RATELIMIT_TIMEOUT_MS`` starts a probe: a late answer is more often this worker's own busy
+loop than a slow Redis, and a batch given up on may still have been counted in Redis, so the
+batch keeps waiting (up to :data:`LATE_WAIT_S`) unless the probe finds Redis gone, which opens
+the circuit and fails the batch at once. While the circuit is open no request touches Redis
+(the limiter falls back at once);
 :meth:`RedisBackend.watch_health` probes in the background and closes it when Redis answers.
 The same loop keeps this worker's heartbeat in Redis (``tenantgate:nodes``, a sorted set of
 node id → expiry) so every worker knows how many live nodes share a limit when it has to
@@ -56,8 +58,9 @@ MAX_IN_FLIGHT: Final = 2
 # Lease renewals wait this long for a decision's batch to ride along with, rather than cost
 # a round trip of their own.
 LAZY_FLUSH_S: Final = 0.005
-# In closed mode a decision waits at least this long for a Redis that is reachable.
-CLOSED_MODE_WAIT_S: Final = SOCKET_TIMEOUT_S
+# A late batch waits at most this long in all while a probe finds Redis reachable: limits stay
+# exact under a busy loop, and a Redis that stops answering is given up on within this bound.
+LATE_WAIT_S: Final = SOCKET_TIMEOUT_S
 # Loop turns a batch past its deadline gets to read an answer that is already there.
 GRACE_TURNS: Final = 3
 # How often a healthy worker beats (and renews leases); how often an open circuit probes.
@@ -117,10 +120,7 @@ class RedisBackend:
         else:
             self._client = aioredis.Redis.from_url(url, health_check_interval=0, **options)
         self._timeout = settings.ratelimit_timeout_ms / 1000
-        if settings.ratelimit_failure_mode == "closed":
-            # Closed mode has no answer but Redis's: a late one is still worth waiting for
-            # while Redis is reachable; only an open circuit turns requests into 503s.
-            self._timeout = max(self._timeout, CLOSED_MODE_WAIT_S)
+        self._late_wait = max(self._timeout, LATE_WAIT_S)
         self._minute_ms = settings.ratelimit_minute_s * 1000
         self._node_id = settings.node_id
         self._wall_clock = wall_clock
@@ -210,7 +210,8 @@ class RedisBackend:
         batch, self._pending = self._pending, []
         if batch:
             loop = asyncio.get_running_loop()
-            task = loop.create_task(self._send(batch, loop.time() + self._timeout))
+            now = loop.time()
+            task = loop.create_task(self._send(batch, now + self._timeout, now + self._late_wait))
             self._in_flight.add(task)
             task.add_done_callback(self._sent)
 
@@ -218,17 +219,13 @@ class RedisBackend:
         self._in_flight.discard(task)
         self._schedule_flush(asyncio.get_running_loop())
 
-    async def _send(self, batch: list[_Pending], deadline: float) -> None:
+    async def _send(self, batch: list[_Pending], deadline: float, late_deadline: float) -> None:
         started = time.perf_counter()
         try:
-            replies = await _within(self._execute_reloading(batch), deadline)
+            replies = await self._within(self._execute_reloading(batch), deadline, late_deadline)
         except TimeoutError as exc:
-            # Late is not necessarily down: this worker's own loop may have been too busy to
-            # read the answer. These requests fall back; the circuit opens only if a probe
-            # cannot reach Redis either.
             metrics.REDIS_ERRORS.inc()
             _fail(batch, exc)
-            self._confirm_down()
             return
         except (RedisError, OSError) as exc:
             self._trip(exc)
@@ -270,9 +267,42 @@ class RedisBackend:
         """Call ``callback`` whenever the circuit closes again (e.g. to drop local state)."""
         self._recover_callbacks.append(callback)
 
-    def _confirm_down(self) -> None:
+    def _confirm_down(self) -> asyncio.Task[bool] | None:
+        """Probe Redis (once at a time) while the circuit is closed; the probe, if any."""
         if self.ok and (self._probe is None or self._probe.done()):
             self._probe = asyncio.get_running_loop().create_task(self.ping())
+        return self._probe if self.ok else None
+
+    async def _within(self, work: Coroutine[Any, Any, list[Any]], deadline: float, late_deadline: float) -> list[Any]:
+        """``await work``: by ``deadline`` (loop time) as a rule; past it, while a probe finds
+        Redis reachable, until ``late_deadline``; else TimeoutError (the work is cancelled).
+
+        An answer that arrived by the deadline but was not read yet — because this worker's
+        loop was busy and runs the timer in the same turn as the socket — still counts: the
+        deadline gives the reading task a couple of loop turns first."""
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(work)
+        try:
+            await asyncio.wait((task,), timeout=max(0.0, deadline - loop.time()))
+            for _ in range(GRACE_TURNS):
+                if task.done():
+                    return task.result()
+                await asyncio.sleep(0)
+            probe = self._confirm_down()
+            while not task.done() and self.ok and loop.time() < late_deadline:
+                waiting: set[asyncio.Future[Any]] = {task}
+                if probe is not None and not probe.done():
+                    waiting.add(probe)
+                await asyncio.wait(waiting, timeout=late_deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED)
+                probe = None
+            if not task.done():
+                raise TimeoutError
+            return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     def _trip(self, exc: BaseException) -> None:
         metrics.REDIS_ERRORS.inc()
@@ -336,30 +366,6 @@ class RedisBackend:
         if self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
         await self._client.aclose()
-
-
-async def _within(work: Coroutine[Any, Any, list[Any]], deadline: float) -> list[Any]:
-    """``await work`` until ``deadline`` (loop time), else TimeoutError.
-
-    Unlike ``asyncio.timeout``, an answer that arrived by the deadline but was not read yet —
-    because this worker's loop was busy and runs the timer in the same turn as the socket —
-    still counts: the deadline gives the reading task a couple of loop turns first."""
-    loop = asyncio.get_running_loop()
-    task = loop.create_task(work)
-    try:
-        await asyncio.wait((task,), timeout=max(0.0, deadline - loop.time()))
-        for _ in range(GRACE_TURNS):
-            if task.done():
-                break
-            await asyncio.sleep(0)
-        if not task.done():
-            raise TimeoutError
-        return task.result()
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
 
 
 def _fail(batch: list[_Pending], exc: BaseException) -> None:

@@ -14,7 +14,7 @@ from data_plane.errors import ServiceUnavailable, TooManyRequests
 from data_plane.ratelimit import limiter as rl
 from data_plane.ratelimit.base import MINUTE, Kind, LimiterUnavailable, Limits
 from data_plane.ratelimit.local import LocalBackend
-from data_plane.ratelimit.redis import RedisBackend
+from data_plane.ratelimit.redis import SCRIPT, RedisBackend
 from data_plane.router import Router
 from shared import settings as tg_settings
 from shared.settings import Settings
@@ -182,6 +182,52 @@ async def test_a_silent_redis_opens_the_circuit_within_the_timeout() -> None:
             writer.close()
         silent.close()
         await silent.wait_closed()
+
+
+async def _delaying_proxy(target: tuple[str, int], delay_s: float) -> asyncio.Server:
+    """A TCP relay to Redis that holds every answer back ``delay_s``: a slow but healthy Redis."""
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+        try:
+            while data := await reader.read(65536):
+                if delay:
+                    await asyncio.sleep(delay)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def serve(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        redis_r, redis_w = await asyncio.open_connection(*target)
+        await asyncio.gather(relay(client_r, redis_w, 0.0), relay(redis_r, client_w, delay_s))
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+async def test_a_late_answer_from_a_reachable_redis_still_decides(redis_url: str) -> None:
+    # Answers arrive 100 ms after they are asked for, past RATELIMIT_TIMEOUT_MS=30: late, but
+    # Redis is there. Giving up would decide locally what Redis may already have counted; the
+    # decision waits instead (a probe finds Redis reachable).
+    parts = redis_url.removeprefix("redis://").split("/")
+    host, port = parts[0].split(":")
+    proxy = await _delaying_proxy((host, int(port)), 0.1)
+    slow_url = f"redis://127.0.0.1:{proxy.sockets[0].getsockname()[1]}/{parts[1]}"
+    backend = RedisBackend(_settings(slow_url, TENANTGATE_RATELIMIT_TIMEOUT_MS="30"))
+    limiter = rl.RateLimiter(_settings(slow_url), backend)
+    limits = _limits(limiter, _tenant(rate_limit_per_minute=2))
+    redis.Redis.from_url(redis_url).script_load(SCRIPT)
+    try:
+        # Two pooled connections, set up before the clock matters: one for decisions, one for probes.
+        assert all(await asyncio.gather(backend.ping(), backend.ping()))
+        decisions = [await backend.decide(limits, backend.next_lease()) for _ in range(3)]
+        assert [d.allowed for d in decisions] == [True, True, False]
+        assert backend.ok and limiter.mode == "redis"
+    finally:
+        await backend.close()
+        proxy.close()
+        await proxy.wait_closed()
 
 
 async def test_a_probe_that_reaches_redis_closes_the_circuit(redis_url: str) -> None:
