@@ -104,7 +104,10 @@ class Proxy:
                 # A 101 (or other 1xx) as the final answer: this request was not a WebSocket
                 # upgrade (Upgrade is never forwarded on plain requests), so it is a broken upstream.
                 raise UpstreamUnavailable("the upstream switched protocols unasked", code="upstream_error")
-            response = web.StreamResponse(status=up.status, reason=up.reason)
+            # A body already here goes out with the head in one write; one still to come must
+            # not hold the head back (a stream's client sees the status as soon as it is known).
+            response_class = _HeadWithBody if exchange.body_ready else web.StreamResponse
+            response = response_class(status=up.status, reason=up.reason)
             connection_tokens = _connection_tokens(up.headers.getall("Connection", ()))
             for name, value in up.headers.items():
                 lowered = name.lower()
@@ -169,6 +172,14 @@ class Proxy:
         if host:
             out["X-Forwarded-Host"] = host
         return out
+
+
+class _HeadWithBody(web.StreamResponse):
+    """A response whose head is written together with the first body chunk (or the end of the
+    body): one ``write()`` syscall instead of two. aiohttp buffers the head when this class
+    attribute is false, as its own ``web.Response`` does; older versions ignore it."""
+
+    _send_headers_immediately = False
 
 
 def _is_bearer(authorization: str) -> bool:

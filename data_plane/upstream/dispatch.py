@@ -65,6 +65,13 @@ class Exchange:
     def body(self) -> AsyncIterator[bytes]:
         return response_body(self.response)
 
+    @property
+    def body_ready(self) -> bool:
+        """Whether the body's first chunk (or the end of an empty body) is in memory already,
+        so reading it will not wait: a small response usually arrives with its head."""
+        content = self.response.content
+        return content.total_bytes > 0 or content.is_eof()
+
     def close(self) -> None:
         endpoint, self._endpoint = self._endpoint, None
         if endpoint is not None:
