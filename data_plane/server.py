@@ -23,6 +23,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from data_plane import listener, metrics
+from data_plane.auth.failures import FailureTracker
 from data_plane.cluster import ConfigClient
 from data_plane.pipeline import Pipeline
 from data_plane.ratelimit.limiter import RateLimiter
@@ -114,7 +115,10 @@ async def run_worker(settings: Settings, *, reuse_port: bool, metrics_dir: Path 
     limiter = RateLimiter(settings, redis)
     websockets = WebSocketClient()
     await websockets.start()
-    pipeline = Pipeline(holder, client, settings, limiter, websockets, recorder=observability.recorder)
+    failures = FailureTracker(tenant_labels=settings.metrics_tenant_labels)
+    pipeline = Pipeline(
+        holder, client, settings, limiter, websockets, recorder=observability.recorder, failures=failures
+    )
 
     proxy = web.ServerRunner(
         listener.proxy_server(pipeline.handle),
@@ -146,6 +150,7 @@ async def run_worker(settings: Settings, *, reuse_port: bool, metrics_dir: Path 
             ),
         ]
         background += [asyncio.create_task(job, name=name) for name, job in observability.jobs()]
+        background.append(asyncio.create_task(failures.run(), name="auth-failures"))
         log.info(
             "data plane worker ready",
             extra={

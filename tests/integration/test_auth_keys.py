@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.auth_support import AuthCluster, auth_cluster, raw_request
+from tests.integration.harness import Processes, start_data_plane
 
 pytestmark = pytest.mark.integration
 
@@ -140,3 +141,17 @@ def test_route_rules_need_a_valid_credential_even_when_auth_is_not_required(clus
     cluster.refused(prefix + "/x", {}, 401, "missing_credentials")
     cluster.refused(prefix + "/x", {"X-API-Key": "tg_wrong"}, 401, "invalid_api_key")
     cluster.refused(prefix + "/x", {"X-API-Key": cluster.tenant("free")["api_key"]}, 403, "tier_not_allowed")
+
+
+def test_refused_clients_are_reported_by_address_once_per_interval(
+    cluster: AuthCluster, procs: Processes, redis_url: str
+) -> None:
+    # A data plane of this test's own, so stopping it reports what it counted.
+    dp = start_data_plane(procs, cluster.cp.cluster_addr, redis_url)
+    prefix = cluster.route()
+    for i in range(7):
+        assert dp.get(f"{prefix}/x", headers={"X-API-Key": f"tg_guess{i:02d}" + "x" * 30}).status == 401
+    assert dp.proc.stop() == 0
+    log = dp.proc.log()
+    assert "authentication failures" in log and "top_clients=127.0.0.1=7" in log, log
+    assert "tg_guess" not in log  # the guesses themselves are never logged
