@@ -60,3 +60,28 @@ def test_bad_settings_name_themselves() -> None:
         tg_settings.load(environ={"TENANTGATE_USAGE_FLUSH_INTERVAL_S": "soon"})
     with pytest.raises(tg_settings.SettingsError, match="USAGE_SPOOL_MAX_BYTES"):
         tg_settings.load(environ={"TENANTGATE_USAGE_SPOOL_MAX_BYTES": "10"})
+
+
+async def test_hostile_values_stay_one_valid_json_line_each(tmp_path: Path) -> None:
+    log, path = _log(tmp_path)
+    nasty = '/a"b\\c\n\x00\u2028é/%22'
+    log.record('rid"\n', 'tenant"x', "route\\y", 'G"ET\r\n', nasty + "?q=1", 400, 0.1234, 2.0, 0, 0)
+    log.record("rid-2", None, None, "GET", "/", 200, 1.0, None, 0, 0)
+    await log.flush()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2
+    first = json.loads(lines[0])
+    assert first["path"] == nasty and first["method"] == 'G"ET\r\n' and first["request_id"] == 'rid"\n'
+    assert (first["tenant_id"], first["route_id"], first["duration_ms"]) == ('tenant"x', "route\\y", 0.123)
+    assert lines[0].isascii()
+
+
+async def test_timestamps_follow_each_line_across_seconds(tmp_path: Path) -> None:
+    log, path = _log(tmp_path)
+    log._pending = [  # two lines a second apart, formatted in one flush
+        (1_700_000_000.5, "r1", None, None, "GET", "/", 200, 1.0, None, 0, 0),
+        (1_700_000_001.25, "r2", None, None, "GET", "/", 200, 1.0, None, 0, 0),
+    ]
+    await log.flush()
+    stamps = [json.loads(line)["ts"] for line in path.read_text().splitlines()]
+    assert stamps == ["2023-11-14T22:13:20.500Z", "2023-11-14T22:13:21.250Z"]
