@@ -61,13 +61,14 @@ def canonicalise(raw_target: str) -> Target:
     raw_path, _, raw_query = raw_target.partition("?")
     if not _RAW_PATH_OK.fullmatch(raw_path):
         raise BadRequest("path contains characters that are not allowed", code="bad_path")
-    if _FORBIDDEN_ESCAPES.search(raw_path):
+    escaped = "%" in raw_path  # escapes are checked (and decoded) only where there are any
+    if escaped and _FORBIDDEN_ESCAPES.search(raw_path):
         raise BadRequest("path must not contain encoded '/', '\\' or NUL", code="bad_path")
-    if _BAD_ESCAPE.search(raw_path):
+    if escaped and _BAD_ESCAPE.search(raw_path):
         raise BadRequest("path contains a malformed percent-escape", code="bad_path")
     if raw_query and not _RAW_QUERY_OK.fullmatch(raw_query):
         raise BadRequest("query contains characters that are not allowed", code="bad_query")
-    if "%" in raw_path:
+    if escaped:
         try:
             path = unquote_to_bytes(raw_path).decode("utf-8")
         except UnicodeDecodeError:
@@ -78,7 +79,9 @@ def canonicalise(raw_target: str) -> Target:
         path = raw_path
     if ";" in path:
         raise BadRequest("path parameters (';') are not accepted", code="bad_path")
-    if path != "/":
+    # Only a path holding "/." can have a dot-segment and only one holding "//" an empty
+    # segment (it starts with "/"): most paths skip the walk over their segments.
+    if path != "/" and ("/." in path or "//" in path):
         segments = path[1:].split("/")
         for i, segment in enumerate(segments):
             if segment in (".", ".."):
