@@ -106,11 +106,18 @@ class _Node:
 
 @dataclass(frozen=True, slots=True)
 class Match:
+    """A found route and its path parameters; shared between requests (the router remembers
+    it), so callers must not change ``params``."""
+
     route: CompiledRoute
     params: dict[str, str]
 
 
 _NO_HEADERS: Mapping[str, str] = {}
+# Matches remembered per router (so per snapshot) for tables without host/header conditions;
+# past this many distinct (method, path) pairs the memory starts again, so a client walking
+# random paths costs a cleared dict now and then, never unbounded memory.
+MATCH_CACHE_SIZE: Final = 4096
 
 
 def request_host(host_header: str | None) -> str:
@@ -129,6 +136,7 @@ class Router:
         self.size = 0
         self.conditional = False  # any route with host/header conditions
         self._by_id: dict[str, CompiledRoute] = {}
+        self._cache: dict[tuple[str, str], Match] = {}
         for order, route in enumerate(routes):
             self._add(route, order)
         self._next_order = self.size
@@ -224,7 +232,24 @@ class Router:
         (and host/headers) matches.
 
         A request matched only by routes refusing ``method`` returns the best of them, whose
-        ``methods`` do not include ``method``: the caller answers 405 (see :meth:`allow_header`)."""
+        ``methods`` do not include ``method``: the caller answers 405 (see :meth:`allow_header`).
+
+        Without host or header conditions in the table the answer depends on the method and
+        path alone, and is remembered (see :data:`MATCH_CACHE_SIZE`)."""
+        if self.conditional:
+            return self._match(path, method, host, headers)
+        key = (method, path)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        found = self._match(path, method, host, headers)
+        if found is not None:
+            if len(self._cache) >= MATCH_CACHE_SIZE:
+                self._cache.clear()
+            self._cache[key] = found
+        return found
+
+    def _match(self, path: str, method: str, host: str, headers: Mapping[str, str]) -> Match | None:
         found = self._candidates(path, host, headers)
         if not found:
             return None

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from data_plane import router as router_module
 from data_plane.router import Router
 from shared.snapshot import Route, Upstream
 
@@ -353,3 +354,31 @@ def test_many_hosts_on_one_path_each_get_their_own_route() -> None:
     assert winner("t1234.example.com") == "t1234"
     assert winner("other.example.com") == "wild"
     assert winner("elsewhere.org") == "fallback"
+
+
+# --- remembered matches ---
+
+
+def test_remembered_match_answers_alike_for_every_method_and_path() -> None:
+    router = Router([_route("get", "/items/{id}", ("GET",)), _route("any", "/items/*")])
+    for _ in range(2):  # the second round is answered from what the router remembers
+        get = router.match("/items/7", "GET")
+        assert get is not None and (get.route.route.id, get.params) == ("get", {"id": "7"})
+        assert _winner(router, "/items/7", "POST") == "any"
+        assert _winner(router, "/items/8/x") == "any"
+        assert _winner(router, "/other") is None
+
+
+def test_a_changed_router_does_not_answer_from_the_old_ones_memory() -> None:
+    router = Router([_route("a", "/a/*")])
+    assert _winner(router, "/a/b") == "a"
+    changed = router.with_changes([_route("b", "/a/b")], ())
+    assert _winner(changed, "/a/b") == "b"
+    assert _winner(router, "/a/b") == "a"
+
+
+def test_memory_stays_bounded_under_random_paths() -> None:
+    router = Router([_route("p", "/p/{x}")])
+    for i in range(3 * router_module.MATCH_CACHE_SIZE):
+        assert _winner(router, f"/p/{i}") == "p"
+    assert len(router._cache) <= router_module.MATCH_CACHE_SIZE
