@@ -22,6 +22,8 @@ POOL_MIN_SIZE: Final = 1
 POOL_MAX_SIZE: Final = 10
 CONNECT_TIMEOUT_S: Final = 5.0
 COMMAND_TIMEOUT_S: Final = 30.0
+# Shutdown waits this long for connections to close gracefully before dropping them.
+CLOSE_TIMEOUT_S: Final = 5.0
 
 # Errors that mean "Postgres is not there right now", as opposed to a bad query.
 UNAVAILABLE_ERRORS: Final = (
@@ -58,7 +60,13 @@ class Database:
         return cls(pool, url)
 
     async def close(self) -> None:
-        await self.pool.close()
+        """Close every connection, gracefully within :data:`CLOSE_TIMEOUT_S`; past it (a query
+        stuck on a connection Postgres no longer answers) drop them, so shutdown never hangs."""
+        try:
+            await asyncio.wait_for(self.pool.close(), CLOSE_TIMEOUT_S)
+        except (TimeoutError, *UNAVAILABLE_ERRORS) as exc:
+            log.warning("Postgres connections did not close in time; dropping them", extra={"error": repr(exc)})
+            self.pool.terminate()
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
