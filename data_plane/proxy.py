@@ -14,7 +14,7 @@ from ipaddress import ip_address
 from typing import Final
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from data_plane import websocket
 from data_plane.errors import PayloadTooLarge, UpstreamError, UpstreamUnavailable
@@ -107,16 +107,11 @@ class Proxy:
             # A body already here goes out with the head in one write; one still to come must
             # not hold the head back (a stream's client sees the status as soon as it is known).
             response_class = _HeadWithBody if exchange.body_ready else web.StreamResponse
-            response = response_class(status=up.status, reason=up.reason)
-            connection_tokens = _connection_tokens(up.headers.getall("Connection", ()))
-            for name, value in up.headers.items():
-                lowered = name.lower()
-                if lowered in _DROP_RESPONSE or lowered in connection_tokens:
-                    continue
-                response.headers.add(name, value)
-            response.headers["X-Request-ID"] = rid
+            headers_out = _response_headers(up.headers)
+            headers_out["X-Request-ID"] = rid
             for name, value in extra_headers:
-                response.headers[name] = value
+                headers_out[name] = value
+            response = response_class(status=up.status, reason=up.reason, headers=headers_out)
             await response.prepare(request)
             try:
                 async for chunk in exchange.body():
@@ -146,17 +141,22 @@ class Proxy:
     def _upstream_headers(self, request: web.BaseRequest, tenant: Tenant | None, rid: str) -> CIMultiDict[str]:
         incoming = request.headers
         connection_tokens = _connection_tokens(incoming.getall("Connection", ()))
-        out: CIMultiDict[str] = CIMultiDict()
+        pairs: list[tuple[str, str]] = []
         for name, value in incoming.items():
-            lowered = name.lower()
-            if lowered in _DROP_REQUEST or lowered in connection_tokens or lowered.startswith(_DROP_PREFIXES):
+            verdict = _REQUEST_VERDICTS.get(name)
+            if verdict is None:
+                verdict = _request_verdict(name)
+            if verdict is _DROP or (verdict is _AUTHORIZATION and _is_bearer(value)):
                 continue
-            if lowered == "authorization" and _is_bearer(value):
+            if connection_tokens and name.lower() in connection_tokens:
                 continue
-            out.add(name, value)
-        out["X-Request-ID"] = rid
+            pairs.append((name, value))
+        # Every X-Request-ID, X-Tenant-* and X-Forwarded-* the client sent was dropped above:
+        # the gateway's own are added, not set over them.
+        pairs.append(("X-Request-ID", rid))
         if tenant is not None:
-            out["X-Tenant-ID"] = tenant.id
+            pairs.append(("X-Tenant-ID", tenant.id))
+        out: CIMultiDict[str] = CIMultiDict(pairs)
         peer = request.remote or ""
         forwarded_for = peer
         proto = request.scheme
@@ -172,6 +172,43 @@ class Proxy:
         if host:
             out["X-Forwarded-Host"] = host
         return out
+
+
+# What a request header's name alone decides, remembered per name as the client spelled it
+# (clients send the same few names over and over); bounded so that made-up names cannot grow it.
+_KEEP: Final = "keep"
+_DROP: Final = "drop"
+_AUTHORIZATION: Final = "authorization"  # dropped when it carries a Bearer token
+_VERDICTS_MAX: Final = 1024
+_REQUEST_VERDICTS: dict[str, str] = {}
+_RESPONSE_DROPS: dict[str, bool] = {}
+
+
+def _request_verdict(name: str) -> str:
+    lowered = name.lower()
+    if lowered in _DROP_REQUEST or lowered.startswith(_DROP_PREFIXES):
+        verdict = _DROP
+    else:
+        verdict = _AUTHORIZATION if lowered == "authorization" else _KEEP
+    if len(_REQUEST_VERDICTS) < _VERDICTS_MAX:
+        _REQUEST_VERDICTS[name] = verdict
+    return verdict
+
+
+def _response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's response headers without hop-by-hop ones and those its ``Connection`` names."""
+    connection_tokens = _connection_tokens(upstream.getall("Connection", ()))
+    pairs: list[tuple[str, str]] = []
+    for name, value in upstream.items():
+        drop = _RESPONSE_DROPS.get(name)
+        if drop is None:
+            drop = name.lower() in _DROP_RESPONSE
+            if len(_RESPONSE_DROPS) < _VERDICTS_MAX:
+                _RESPONSE_DROPS[name] = drop
+        if drop or (connection_tokens and name.lower() in connection_tokens):
+            continue
+        pairs.append((name, value))
+    return CIMultiDict(pairs)
 
 
 class _HeadWithBody(web.StreamResponse):
