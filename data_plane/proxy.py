@@ -112,7 +112,11 @@ class Proxy:
             for name, value in extra_headers:
                 headers_out[name] = value
             response = response_class(status=up.status, reason=up.reason, headers=headers_out)
+            whole = exchange.complete_body()
             await response.prepare(request)
+            if whole is not None:
+                await response.write_eof(whole)  # head and body in one write, no stream to follow
+                return response
             try:
                 async for chunk in exchange.body():
                     await response.write(chunk)

@@ -65,6 +65,18 @@ class Exchange:
     def body(self) -> AsyncIterator[bytes]:
         return response_body(self.response)
 
+    def complete_body(self) -> bytes | None:
+        """The whole body if it has arrived to its end already (a small response usually
+        comes in the same read as its head), taken out of the stream; else None, and the
+        body is read with :meth:`body` as it streams."""
+        content = self.response.content
+        if not content.is_eof():
+            return None
+        try:
+            return content.read_nowait(-1)
+        except (aiohttp.ClientError, OSError, RuntimeError):
+            return None
+
     @property
     def body_ready(self) -> bool:
         """Whether the body's first chunk (or the end of an empty body) is in memory already,
