@@ -29,6 +29,8 @@ HOUR_ROWS_KEPT: Final = timedelta(days=60)
 # A data plane resends a batch right after a lost acknowledgement, never weeks later.
 BATCH_IDS_KEPT: Final = timedelta(days=30)
 ROLLUP_LOCK_ID: Final = 0x7467_7573  # "tgus"
+# A batch rolled back by Postgres (deadlock with a rollup, serialisation) is stored again, whole.
+INGEST_ATTEMPTS: Final = 3
 
 _COUNTERS: Final = "requests, errors, rejected, bytes_in, bytes_out, latency"
 _ADD_COUNTERS: Final = """
@@ -77,7 +79,22 @@ class Rollup:
 
 
 async def ingest(db: Database, node_id: str, seq: int, records: Sequence[Record]) -> bool:
-    """Store one batch. True if stored now; False if it had been stored before (nothing changes)."""
+    """Store one batch. True if stored now; False if it had been stored before (nothing changes).
+
+    Batches of several nodes for the same (tenant, route, minute) land at once: rows are upserted
+    in key order, so two batches lock shared rows in the same order and never deadlock; a
+    transaction Postgres still rolls back (a serialisation failure) is run again, whole."""
+    ordered = sorted(records, key=lambda r: (r.tenant_id, r.minute, r.route_id, r.status_class))
+    for attempt in range(INGEST_ATTEMPTS):
+        try:
+            return await _ingest(db, node_id, seq, ordered)
+        except asyncpg.exceptions.TransactionRollbackError:
+            if attempt == INGEST_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _ingest(db: Database, node_id: str, seq: int, records: Sequence[Record]) -> bool:
     async with db.transaction() as conn:
         fresh = await conn.fetchval(
             "INSERT INTO usage_batches (node_id, seq) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true",

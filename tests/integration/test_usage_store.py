@@ -4,6 +4,7 @@ without changing any sum, and the admitted-requests count behind the monthly quo
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -58,6 +59,23 @@ async def test_concurrent_resends_of_one_batch_count_once(db: Database) -> None:
     results = await asyncio.gather(*(usage.ingest(db, "node-a", 7, records) for _ in range(5)))
     assert sorted(results) == [False, False, False, False, True]
     assert await _total(db) == 3
+
+
+async def test_nodes_reporting_the_same_rows_at_once_never_deadlock(db: Database) -> None:
+    # Every node's batch touches the same 30 (minute, status) rows, each in its own order: the
+    # order in which two transactions would lock shared rows if they wrote them as given.
+    keys = [(NOW - timedelta(minutes=m), sc) for m in range(15) for sc in (2, 5)]
+    sent = 0
+    for round_ in range(4):
+        batches = []
+        for node in range(6):
+            order = keys[node % 2 :: 1] + keys[: node % 2] if node % 3 else list(reversed(keys))
+            random.Random(round_ * 10 + node).shuffle(order)
+            batches.append([_record(minute, 1, status_class=sc) for minute, sc in order])
+        results = await asyncio.gather(*(usage.ingest(db, f"node-{n}", round_ + 1, b) for n, b in enumerate(batches)))
+        assert results == [True] * 6
+        sent += sum(len(b) for b in batches)
+    assert await _total(db) == sent
 
 
 async def test_counters_of_one_minute_add_up_and_latency_buckets_merge(db: Database) -> None:
