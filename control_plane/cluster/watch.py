@@ -66,6 +66,8 @@ AHEAD_GRACE_S: Final = 10.0
 PRUNE_AFTER_S: Final = 24 * 3600.0
 PRUNE_INTERVAL_S: Final = 600.0
 STORE_WARNING_INTERVAL_S: Final = 30.0
+# At shutdown, how long the last write of this replica's nodes may take.
+STOP_FLUSH_S: Final = 3.0
 
 
 @dataclass(slots=True)
@@ -139,10 +141,15 @@ class NodeRegistry:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        # Tell the other replicas at once that these nodes are gone from here.
+        # Tell the other replicas at once that these nodes are gone from here — best effort and
+        # bounded: a pooled connection to a Postgres that went away can hang a query for its
+        # whole command timeout, and the others see these nodes go stale by themselves anyway.
         for node in list(self.nodes.values()):
             self.disconnect(node)
-        await self._flush(heartbeat=False)
+        try:
+            await asyncio.wait_for(self._flush(heartbeat=False), STOP_FLUSH_S)
+        except TimeoutError:
+            log.warning("could not record the data planes' disconnection before stopping")
 
     async def _run(self) -> None:
         next_heartbeat = time.monotonic() + HEARTBEAT_S
