@@ -9,7 +9,7 @@ re-normalised.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
@@ -86,6 +86,32 @@ def try_timeout(seconds: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=seconds, sock_read=seconds)
 
 
+# aiohttp's own request headers, never added to a forwarded request: the upstream sees the
+# client's Accept, Accept-Encoding and User-Agent or none.
+_SKIP_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "User-Agent")
+
+
+class _ForwardedRequest(aiohttp.ClientRequest):
+    """aiohttp's request with the skip list of :data:`_SKIP_AUTO_HEADERS` built once, not per
+    request (aiohttp copies the headers and sorts the list into a new multidict each time,
+    ~2% of a worker): every default it would add is in that list, so there is nothing to add,
+    and the rest of aiohttp reads the same skip list as before. Used only where aiohttp keeps
+    that list in ``_skip_auto_headers``; elsewhere its own ``ClientRequest`` is used."""
+
+    _SKIPPED: Final[CIMultiDict[None]] = CIMultiDict((name, None) for name in sorted(_SKIP_AUTO_HEADERS))
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        self._skip_auto_headers = self._SKIPPED
+
+
+_REQUEST_CLASS: Final = (
+    _ForwardedRequest
+    if "_skip_auto_headers" in vars(aiohttp.ClientRequest)
+    and set(aiohttp.ClientRequest.DEFAULT_HEADERS) <= set(_SKIP_AUTO_HEADERS)
+    else aiohttp.ClientRequest
+)
+
+
 class UpstreamClient:
     """Owns the worker's connection pool. Call :meth:`start` inside the running loop."""
 
@@ -104,7 +130,8 @@ class UpstreamClient:
             connector=connector,
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            request_class=_REQUEST_CLASS,
         )
 
     async def close(self) -> None:
