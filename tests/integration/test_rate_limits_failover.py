@@ -5,7 +5,6 @@ this test's own: open mode keeps serving on local limits (limit ÷ live nodes) a
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import subprocess
 import threading
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.embedded import redis_binary
 from tests.integration.harness import (
     DataPlane,
     Processes,
@@ -28,10 +28,7 @@ from tests.integration.harness import (
 )
 from tests.integration.test_rate_limits import _create_db
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH"),
-]
+pytestmark = pytest.mark.integration
 
 
 class RedisServer:
@@ -49,7 +46,7 @@ class RedisServer:
     def start(self) -> None:
         log = (self.tmp / "redis.log").open("ab")
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             cwd=self.tmp,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import aiohttp
 
+from shared.embedded import redis_binary
 from tests.integration.harness import DataPlane, Proc, Processes, free_port, http, wait_for
 
 # --- processes restarted on the same ports ---------------------------------------------------
@@ -67,9 +68,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise AssertionError("redis-server is not installed")
+        binary = redis_binary()
         self.workdir.mkdir(parents=True, exist_ok=True)
         with (self.workdir / "redis.log").open("ab") as log:
             self.proc = subprocess.Popen(
