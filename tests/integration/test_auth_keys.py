@@ -146,9 +146,10 @@ def test_route_rules_need_a_valid_credential_even_when_auth_is_not_required(clus
 def test_refused_clients_are_reported_by_address_once_per_interval(
     cluster: AuthCluster, procs: Processes, redis_url: str
 ) -> None:
-    # A data plane of this test's own, so stopping it reports what it counted.
-    dp = start_data_plane(procs, cluster.cp.cluster_addr, redis_url)
+    # A data plane of this test's own, so stopping it reports what it counted; started after
+    # the route exists, so its first snapshot (it is ready only with one) has the route.
     prefix = cluster.route()
+    dp = start_data_plane(procs, cluster.cp.cluster_addr, redis_url)
     for i in range(7):
         assert dp.get(f"{prefix}/x", headers={"X-API-Key": f"tg_guess{i:02d}" + "x" * 30}).status == 401
     assert dp.proc.stop() == 0
