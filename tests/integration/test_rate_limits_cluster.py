@@ -50,39 +50,62 @@ class RedisCluster:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> None:
-        for port in self.ports:
-            node_dir = self.tmp / f"node-{port}"
-            node_dir.mkdir()
-            log = (node_dir / "redis.log").open("wb")
-            self.procs.append(
-                subprocess.Popen(
-                    [
-                        "redis-server",
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-port",  # the default, port + 10000, may not exist
-                        str(free_port()),
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-node-timeout",
-                        "2000",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                    ],
-                    cwd=node_dir,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
+        for i in range(len(self.ports)):
+            failed = ""
+            for _attempt in range(3):
+                if self._start_node(i):
+                    break
+                # A port picked free was taken meanwhile (the bus port is a second random one): again.
+                failed = self._log(i)
+                self.ports[i] = free_port()
+            else:
+                raise AssertionError(f"redis-server would not start in cluster mode: {failed}")
+        self._create()
+
+    def _log(self, i: int) -> str:
+        return (self.tmp / f"node-{self.ports[i]}" / "redis.log").read_text(errors="replace")[-2000:]
+
+    def _start_node(self, i: int) -> bool:
+        """Start node ``i``; False if it exited at start."""
+        port = self.ports[i]
+        node_dir = self.tmp / f"node-{port}"
+        node_dir.mkdir()
+        with (node_dir / "redis.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",  # the default, port + 10000, may not exist
+                    str(free_port()),
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+                cwd=node_dir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
-            log.close()
-        for port in self.ports:
-            wait_for(lambda port=port: _cli(port, "PING").strip() == "PONG", timeout=10, what="cluster node up")
+        self.procs.append(proc)
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                return True  # exited: no use waiting
+            return _cli(port, "PING").strip() == "PONG"
+
+        wait_for(up, timeout=30, what=f"cluster node :{port} up")
+        return proc.poll() is None
+
+    def _create(self) -> None:
         addresses = [f"127.0.0.1:{port}" for port in self.ports]
         subprocess.run(
             ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
