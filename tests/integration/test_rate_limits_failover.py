@@ -5,8 +5,6 @@ this test's own: open mode keeps serving on local limits (limit ÷ live nodes) a
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
 import threading
 import uuid
 from collections import Counter
@@ -15,11 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.embedded import redis_binary
 from tests.integration.harness import (
     DataPlane,
     Processes,
-    free_port,
     http,
     start_control_plane,
     start_data_plane,
@@ -27,47 +23,9 @@ from tests.integration.harness import (
     wait_for,
 )
 from tests.integration.test_rate_limits import _create_db
+from tests.resilience.support import RedisServer
 
 pytestmark = pytest.mark.integration
-
-
-class RedisServer:
-    """A redis-server of this test's own, killed and restarted on the same port."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.tmp = tmp
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        log = (self.tmp / "redis.log").open("ab")
-        self.proc = subprocess.Popen(
-            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            cwd=self.tmp,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        wait_for(self._answers, timeout=10, what="redis-server")
-
-    def _answers(self) -> bool:
-        import socket
-
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
 
 
 class Setup:
@@ -80,7 +38,7 @@ def setup(postgres_admin_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
     tmp = Path(tmp_path_factory.mktemp("rate-limit-failover"))
     name = f"tg_test_rlf_{uuid.uuid4().hex[:10]}"
     asyncio.run(_create_db(postgres_admin_url, name))
-    redis = RedisServer(tmp)
+    redis = RedisServer(tmp, append_only=False)
     procs = Processes(tmp)
     try:
         redis.start()

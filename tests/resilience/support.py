@@ -55,12 +55,14 @@ APPEND_ONLY = ["--appendonly", "yes", "--appendfsync", "always"]
 
 class RedisServer:
     """A redis-server on a random port that a test kills (SIGKILL) and starts again on the same
-    port. Append-only with ``fsync always``, as a production Redis holding rate-limit counters
-    would be: a restart keeps every acknowledged counter."""
+    port. By default append-only with ``fsync always``, as a production Redis holding rate-limit
+    counters would be: a restart keeps every acknowledged counter (``append_only=False``: a
+    restart starts empty)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, append_only: bool = True) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self._persistence = APPEND_ONLY if append_only else ["--appendonly", "no"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -82,7 +84,7 @@ class RedisServer:
                     "",
                     "--dir",
                     str(self.workdir),
-                    *APPEND_ONLY,
+                    *self._persistence,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
