@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import re
 import signal
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 STARTUP_DB_DEADLINE_S: Final = 60.0
 SHUTDOWN_GRACE_S: Final = 5.0
+# Every step of a stop is bounded well within this; past it the process dumps its stacks and exits.
+STOP_DEADLINE_S: Final = 20.0
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
 
@@ -165,6 +168,9 @@ async def serve(settings: Settings) -> None:
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({api, stopper}, return_when=asyncio.FIRST_COMPLETED)
         log.info("control plane stopping")
+        # The last resort, for a bug that would leave a stopping replica hanging until its
+        # orchestrator kills it: every thread's stack on stderr, then exit.
+        faulthandler.dump_traceback_later(STOP_DEADLINE_S, exit=True)
         server.should_exit = True
         stopper.cancel()
         await asyncio.wait_for(api, SHUTDOWN_GRACE_S)

@@ -392,8 +392,9 @@ class JwksFetcher:
             except Exception:  # a bug must not stop every later refresh
                 log.exception("JWKS refresh failed")
             wait = self._retry_s if not self._due else max(0.0, min(self._due.values()) - self._clock())
-            with contextlib.suppress(TimeoutError):
-                seen = (await asyncio.wait_for(self._cache.wait_newer(seen), timeout=wait)).version
+            with contextlib.suppress(TimeoutError):  # not wait_for: see NodeRegistry._run
+                async with asyncio.timeout(wait):
+                    seen = (await self._cache.wait_newer(seen)).version
 
     async def refresh_due(self) -> None:
         """Fetch every jwks_uri issuer whose turn it is, a few at a time."""

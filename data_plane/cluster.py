@@ -136,6 +136,9 @@ class ConfigClient:
         self._holder = holder
         self._rng = rng or random.Random()  # noqa: S311 - backoff jitter, not a secret
         self.status = ClusterStatus()
+        # Each reason for being disconnected is logged once per outage, however often the
+        # retries alternate between them (a refused token can surface as INTERNAL in a race).
+        self._said: set[str] = set()
         self._saving: asyncio.Future[None] | None = None
         CP_CONNECTED.set(0)
 
@@ -204,7 +207,8 @@ class ConfigClient:
             message = f"control plane at {self._addr} unavailable: {exc.details()}"
         else:
             message = f"config stream from {self._addr} ended: {code.name} {exc.details()}"
-        if message != self.status.last_error:
+        if message not in self._said:
+            self._said.add(message)
             log.warning(message)
         self.status.last_error = message
 
@@ -251,6 +255,7 @@ class ConfigClient:
         if not self.status.connected:
             self.status.connected = True
             self.status.last_error = ""
+            self._said.clear()
             CP_CONNECTED.set(1)
             log.info("connected to control plane", extra={"cp_addr": self._addr})
 

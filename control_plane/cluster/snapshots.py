@@ -326,8 +326,9 @@ class SnapshotCache:
         while True:
             if self._listener is None or not self._listener.alive:
                 await self._listen()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), timeout=POLL_INTERVAL_S)
+            with contextlib.suppress(TimeoutError):  # not wait_for: see NodeRegistry._run
+                async with asyncio.timeout(POLL_INTERVAL_S):
+                    await self._poke.wait()
             self._poke.clear()
             try:
                 await self._rebuild()

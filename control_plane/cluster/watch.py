@@ -147,16 +147,19 @@ class NodeRegistry:
         for node in list(self.nodes.values()):
             self.disconnect(node)
         try:
-            await asyncio.wait_for(self._flush(heartbeat=False), STOP_FLUSH_S)
+            async with asyncio.timeout(STOP_FLUSH_S):
+                await self._flush(heartbeat=False)
         except TimeoutError:
             log.warning("could not record the data planes' disconnection before stopping")
 
     async def _run(self) -> None:
         next_heartbeat = time.monotonic() + HEARTBEAT_S
         while True:
-            timeout = max(0.0, next_heartbeat - time.monotonic())
+            # asyncio.timeout, not wait_for: on Python 3.11, wait_for swallows a cancellation
+            # that arrives just after the event is set, and stop() would wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(max(0.0, next_heartbeat - time.monotonic())):
+                    await self._wake.wait()
             self._wake.clear()
             heartbeat = time.monotonic() >= next_heartbeat
             if heartbeat:
