@@ -6,7 +6,9 @@ route limit with a burst bucket, monthly quota, concurrency; all far above what 
 every request is admitted and takes and gives back a lease), from 1, 50 and 100 concurrent
 clients spread over 50 tenants. Prints, per concurrency: decisions per second, Redis round
 trips per request (decisions and lease releases share them), and the decision's p50/p99
-latency as the request sees it (queueing for its batch included).
+latency as the request sees it (queueing for its batch included), and this process's CPU
+time per decision (the limiter's own work plus the client loop: steadier than latency on a
+busy machine).
 
 Two loads: ``closed`` (each client decides again as soon as it has an answer: the most the
 limiter does, Redis saturated) and ``paced`` (``--rate`` decisions per second in all, spread
@@ -85,7 +87,9 @@ async def _run(redis_url: str, clients: int, duration: float, rate: float) -> di
             latencies.append(time.perf_counter() - started)
             limiter.release(admission)
 
+    cpu = time.process_time()
     await asyncio.gather(*(client(i) for i in range(clients)))  # warm-up round trip included
+    cpu = time.process_time() - cpu
     trips, commands = backend.round_trips, backend.commands
     await backend.close()
     latencies.sort()
@@ -98,6 +102,7 @@ async def _run(redis_url: str, clients: int, duration: float, rate: float) -> di
         "round_trips_per_request": round(trips / count, 3),
         "commands_per_round_trip": round(commands / trips, 1),
         "fallbacks": limiter.mode != "redis",
+        "cpu_us_per_decision": round(cpu / count * 1e6, 1),
         "p50_ms": round(latencies[count // 2] * 1000, 3),
         "p99_ms": round(latencies[min(count - 1, int(count * 0.99))] * 1000, 3),
     }

@@ -1,10 +1,10 @@
 """What every limiter backend decides, and the per-(tenant, route) limit descriptor it decides on.
 
 A :class:`Limits` is built once per snapshot for each (tenant, route) pair that is used (see
-:class:`~data_plane.ratelimit.limiter.RateLimiter`): the Redis keys, the script arguments and
-the ``RateLimit-Policy`` value never change while that snapshot serves, so a request only
-looks it up. A backend answers a :class:`Decision` for it; both backends (Redis and the
-local fallback) implement :class:`Backend`.
+:class:`~data_plane.ratelimit.limiter.RateLimiter`): the Redis keys, the script arguments (and
+the Redis commands encoded from them) and the ``RateLimit-Policy`` value never change while that
+snapshot serves, so a request only looks it up. A backend answers a :class:`Decision` for it;
+both backends (Redis and the local fallback) implement :class:`Backend`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
+
+if TYPE_CHECKING:
+    from data_plane.ratelimit.redis import Wire
 
 
 class Kind(IntEnum):
@@ -70,6 +73,9 @@ class Limits:
     # The RateLimit-Policy header value (constant for this snapshot).
     policy_header: str
     shadow: bool = False
+    # The Redis commands, encoded (built with the limits by the limiter; a backend encodes
+    # them itself for limits made without).
+    wire: Wire | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ mode is decided and counted like any other but its refusals are not enforced.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 from data_plane.errors import ServiceUnavailable, TooManyRequests
@@ -112,7 +112,7 @@ class RateLimiter:
             Policy("month", tenant.monthly_quota, 0, QUOTA),
         )
         policies = tuple(p for p in candidates if p.quota > 0)
-        return Limits(
+        limits = Limits(
             tenant_id=tenant.id,
             route_id=r.id,
             per_minute=tenant.rate_limit_per_minute,
@@ -126,6 +126,7 @@ class RateLimiter:
             policy_header=rl_headers.policy_header(policies),
             shadow=r.rate_limit_shadow,
         )
+        return replace(limits, wire=self._redis.wire(limits))
 
     async def admit(self, limits: Limits) -> Admission:
         """Decide every limit of one request; raises TooManyRequests (429) or, in closed mode
