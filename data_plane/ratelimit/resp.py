@@ -124,8 +124,8 @@ class Link(asyncio.Protocol):
         return self._closed is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport (uvloop's are not subclasses of asyncio.Transport).
+        self._transport = cast(asyncio.Transport, transport)
 
     def send(self, payload: bytes, count: int, waiter: Waiter) -> None:
         """Write ``count`` encoded commands; ``waiter`` gets their replies (or the failure)."""

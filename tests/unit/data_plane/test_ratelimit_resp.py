@@ -192,3 +192,32 @@ async def test_a_link_refuses_to_send_once_closed() -> None:
     link.send(b"*1\r\n$4\r\nPING\r\n", 1, waiter)
     with pytest.raises(LinkClosed):
         await waiter.future
+
+
+def test_decisions_on_uvloop(redis_url: str) -> None:
+    # The data plane runs on uvloop, whose transports are not asyncio's classes.
+    import uvloop
+
+    async def decide() -> list[bool]:
+        settings = tg_settings.load(environ={"TENANTGATE_REDIS_URL": redis_url, "TENANTGATE_NODE_ID": "unit-uv"})
+        backend = RedisBackend(settings)
+        limiter = rl.RateLimiter(settings, backend)
+        limits = limiter.limits_for(object(), _route(), _tenant())
+        assert limits is not None
+        try:
+            async with asyncio.timeout(10):
+                admitted = []
+                for _ in range(4):  # a concurrency limit of 3: one lease more than allowed
+                    try:
+                        admitted.append(await limiter.admit(limits))
+                    except rl.TooManyRequests:
+                        admitted.append(None)
+                for admission in admitted:
+                    if admission is not None:
+                        limiter.release(admission)
+        finally:
+            await backend.close()
+        assert backend.ok and limiter.mode == "redis"
+        return [admission is not None for admission in admitted]
+
+    assert uvloop.run(decide()) == [True, True, True, False]
