@@ -4,8 +4,9 @@ share an interpreter lock with the latency the test measures):
     python -m tests.resilience.hostile CONFIG_JSON
 
 CONFIG_JSON: {"host", "port", "seconds", "key" (a tenant with high limits), "flood_key",
-"flood_rate" (requests per second), "slowloris", "idle", "unread"}. Runs every attack at once
-for ``seconds`` (or until SIGTERM), then prints one JSON line: per attack, what the data plane answered.
+"flood_rate" (requests per second), "slowloris", "idle", "unread", "attacks" (optional: the names
+below to run, default all)}. Runs the attacks at once for ``seconds`` (or until SIGTERM), then
+prints one JSON line: per attack, what the data plane answered.
 
 - slowloris: connections that send a request head one header line per second, never ending it;
 - idle: connections that send nothing;
@@ -34,6 +35,7 @@ import aiohttp
 BIG_HEADER = 32 * 1024
 BIG_BODY = 8 * 1024 * 1024
 PIECE = 64 * 1024
+ATTACKS = ("slowloris", "idle", "big_header", "big_body", "unread", "flood")
 
 
 class Attack:
@@ -188,10 +190,15 @@ class Attack:
 
     async def run(self) -> dict[str, dict[str, int]]:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.end)
-        jobs = [self.slowloris() for _ in range(int(self.cfg["slowloris"]))]
-        jobs += [self.idle() for _ in range(int(self.cfg["idle"]))]
-        jobs += [self.unread() for _ in range(int(self.cfg["unread"]))]
-        jobs += [self.big_header(), self.big_body(), self.flood()]
+        chosen = set(self.cfg.get("attacks", ATTACKS))
+        unknown = chosen - set(ATTACKS)
+        if unknown:
+            raise ValueError(f"unknown attacks {sorted(unknown)}; known: {', '.join(ATTACKS)}")
+        jobs = [self.until_end()]  # the process lasts its time even with no attack chosen
+        for name in ("slowloris", "idle", "unread"):
+            if name in chosen:
+                jobs += [getattr(self, name)() for _ in range(int(self.cfg[name]))]
+        jobs += [getattr(self, name)() for name in ("big_header", "big_body", "flood") if name in chosen]
         await asyncio.gather(*jobs)
         return {attack: dict(outcomes) for attack, outcomes in self.results.items()}
 

@@ -47,6 +47,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def sched_stats(pid: int) -> tuple[float, float, int]:
+    """The main thread of ``pid`` (an event loop's) from /proc/<pid>/schedstat: seconds on a CPU,
+    seconds runnable but waiting for one, and how many times it was scheduled in."""
+    on_cpu, waiting, slices = Path(f"/proc/{pid}/schedstat").read_text().split()
+    return int(on_cpu) / 1e9, int(waiting) / 1e9, int(slices)
+
+
 # --- Redis of the suite's own ------------------------------------------------------------------
 
 
