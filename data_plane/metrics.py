@@ -13,12 +13,21 @@ worker's requests. Gauges therefore always name a ``multiprocess_mode``.
 
 Tenant ids are not labels unless ``TENANTGATE_METRICS_TENANT_LABELS=1``: one series per
 tenant does not scale to thousands of tenants.
+
+The families counted on every request (requests, durations, upstream tries and latency) are
+counted in plain numbers first (:class:`BatchedCounter`, :class:`BatchedHistogram`) and
+added to their Prometheus children by :func:`flush`: before every scrape this worker
+answers, once a second (so a scrape answered by another worker is at most that late), and
+when the worker stops. A Prometheus ``inc`` takes a lock (and with ``--workers`` writes a
+memory-mapped file), a histogram ``observe`` two or three of them: per request, that was
+more than the counting itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+from bisect import bisect_left
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -66,30 +75,116 @@ REDIS_UP: Final = Gauge(
 UPSTREAM_TIME: Final = web.RequestKey("tenantgate_upstream_seconds", float)
 
 
+class BatchedCounter:
+    """A counter child's increments, held until :func:`flush` adds them in one ``inc``."""
+
+    __slots__ = ("_child", "count")
+
+    def __init__(self, child: Counter) -> None:
+        self._child = child
+        self.count = 0
+
+    def inc(self) -> None:
+        self.count += 1
+
+    def flush(self) -> None:
+        count = self.count
+        if count:
+            self.count = 0
+            self._child.inc(count)
+
+
+class BatchedHistogram:
+    """A histogram child's observations as bucket counts and a sum, held until :func:`flush`
+    adds them to the child's own bucket and sum values (what its ``observe`` adds to, one
+    observation at a time). Bucket ``i`` counts values at most its upper bound, as Prometheus does."""
+
+    __slots__ = ("_bounds", "_child", "_counts", "_pending", "_sum")
+
+    def __init__(self, child: Histogram) -> None:
+        self._child = child
+        self._bounds: tuple[float, ...] = tuple(child._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._pending = False
+
+    def observe(self, amount: float) -> None:
+        self._sum += amount
+        self._counts[bisect_left(self._bounds, amount)] += 1
+        self._pending = True
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        counts, total = self._counts, self._sum
+        self._counts, self._sum, self._pending = [0] * len(self._bounds), 0.0, False
+        child = self._child
+        child._sum.inc(total)
+        buckets = child._buckets
+        for i, count in enumerate(counts):
+            if count:
+                buckets[i].inc(count)
+
+
+_BATCHED: list[BatchedCounter | BatchedHistogram] = []
+_COUNTERS: dict[tuple[Counter, tuple[str, ...]], BatchedCounter] = {}
+_HISTOGRAMS: dict[tuple[Histogram, tuple[str, ...]], BatchedHistogram] = {}
+
+
+def batched_counter(family: Counter, *labels: str) -> BatchedCounter:
+    """The batched child of ``family`` with ``labels`` (one per child, for the process's life,
+    like the Prometheus child itself)."""
+    key = (family, labels)
+    batched = _COUNTERS.get(key)
+    if batched is None:
+        batched = _COUNTERS[key] = BatchedCounter(family.labels(*labels) if labels else family)
+        _BATCHED.append(batched)
+    return batched
+
+
+def batched_histogram(family: Histogram, *labels: str) -> BatchedHistogram:
+    """The batched child of ``family`` with ``labels`` (see :func:`batched_counter`)."""
+    key = (family, labels)
+    batched = _HISTOGRAMS.get(key)
+    if batched is None:
+        batched = _HISTOGRAMS[key] = BatchedHistogram(family.labels(*labels) if labels else family)
+        _BATCHED.append(batched)
+    return batched
+
+
+def flush() -> None:
+    """Add every batched count to its Prometheus child."""
+    for batched in _BATCHED:
+        batched.flush()
+
+
+UPSTREAM_BATCH: Final = batched_histogram(UPSTREAM_SECONDS)
+
+
 class RequestMetrics:
-    """The per-request counter and histogram, with label children cached so that a request
-    costs a dict lookup per family rather than a ``labels()`` call."""
+    """The per-request counter and histogram, batched (see :func:`flush`), with the batched
+    children cached so that a request costs a dict lookup per family."""
 
     __slots__ = ("_by_tenant", "_children", "_durations", "_tenant_children")
 
     def __init__(self, *, tenant_labels: bool) -> None:
         self._by_tenant = tenant_labels
-        self._children: dict[tuple[str, int, str], Counter] = {}
-        self._tenant_children: dict[tuple[str, int, str, str], Counter] = {}
-        self._durations = [REQUEST_SECONDS.labels(status_class=c) for c in STATUS_CLASSES]
+        self._children: dict[tuple[str, int, str], BatchedCounter] = {}
+        self._tenant_children: dict[tuple[str, int, str, str], BatchedCounter] = {}
+        self._durations = [batched_histogram(REQUEST_SECONDS, c) for c in STATUS_CLASSES]
 
     def observe(self, route_id: str, status_class: int, tier: str, tenant_id: str, seconds: float) -> None:
         key = (route_id, status_class, tier)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = REQUESTS.labels(route_id, STATUS_CLASSES[status_class], tier)
+            child = self._children[key] = batched_counter(REQUESTS, route_id, STATUS_CLASSES[status_class], tier)
         child.inc()
         if self._by_tenant:
             tenant_key = (route_id, status_class, tier, tenant_id)
             by_tenant = self._tenant_children.get(tenant_key)
             if by_tenant is None:
-                by_tenant = self._tenant_children[tenant_key] = REQUESTS_BY_TENANT.labels(
-                    route_id, STATUS_CLASSES[status_class], tier, tenant_id
+                by_tenant = self._tenant_children[tenant_key] = batched_counter(
+                    REQUESTS_BY_TENANT, route_id, STATUS_CLASSES[status_class], tier, tenant_id
                 )
             by_tenant.inc()
         self._durations[status_class].observe(seconds)
@@ -139,7 +234,9 @@ class WorkerGauges:
         self._redis_ok = redis_ok
 
     def refresh(self) -> None:
+        """Before a scrape, and once a second: the Redis gauge, and the batched counts."""
         REDIS_UP.set(1 if self._redis_ok() else 0)
+        flush()
 
     async def run(self) -> None:
         while True:

@@ -82,7 +82,9 @@ class Proxy:
         )
         if route.route.websocket and self._websockets is not None and websocket.is_upgrade(request.headers):
             url = self._dispatcher.choose_url(pool, raw_path, target.raw_query, key)
-            return await websocket.relay(request, self._websockets, url, headers, route.route.timeout_ms / 1000, rid)
+            return await websocket.relay(
+                request, self._websockets, url, CIMultiDict(headers), route.route.timeout_ms / 1000, rid
+            )
         if request.body_exists and expects_continue(request.version, request.headers):
             # Admitted: now ask the client for the body (the upstream never sees Expect).
             await request.writer.write(CONTINUE)
@@ -142,7 +144,9 @@ class Proxy:
                 return hop
         return next((hop for hop in hops if hop), peer)
 
-    def _upstream_headers(self, request: web.BaseRequest, tenant: Tenant | None, rid: str) -> CIMultiDict[str]:
+    def _upstream_headers(self, request: web.BaseRequest, tenant: Tenant | None, rid: str) -> list[tuple[str, str]]:
+        """The request headers sent upstream, in order: the client's that may go, then the
+        gateway's own (every one of those the client sent was dropped, so none is doubled)."""
         incoming = request.headers
         connection_tokens = _connection_tokens(incoming.getall("Connection", ()))
         pairs: list[tuple[str, str]] = []
@@ -160,7 +164,6 @@ class Proxy:
         pairs.append(("X-Request-ID", rid))
         if tenant is not None:
             pairs.append(("X-Tenant-ID", tenant.id))
-        out: CIMultiDict[str] = CIMultiDict(pairs)
         peer = request.remote or ""
         forwarded_for = peer
         proto = request.scheme
@@ -171,11 +174,11 @@ class Proxy:
                 forwarded_for = ", ".join([*prior, peer])
             proto = incoming.get("X-Forwarded-Proto", proto)
             host = incoming.get("X-Forwarded-Host", host)
-        out["X-Forwarded-For"] = forwarded_for
-        out["X-Forwarded-Proto"] = proto
+        pairs.append(("X-Forwarded-For", forwarded_for))
+        pairs.append(("X-Forwarded-Proto", proto))
         if host:
-            out["X-Forwarded-Host"] = host
-        return out
+            pairs.append(("X-Forwarded-Host", host))
+        return pairs
 
 
 # What a request header's name alone decides, remembered per name as the client spelled it

@@ -1,9 +1,10 @@
-"""The upstream HTTP client: one pooled aiohttp session per worker, streaming both ways.
+"""The upstream HTTP client of a worker: pooled keep-alive HTTP/1.1 connections
+(:mod:`data_plane.upstream.http1`), streaming both ways, plus an aiohttp session for health
+checks.
 
-aiohttp is used as a client only here; its exceptions become :class:`UpstreamUnavailable`
-(502) or :class:`UpstreamTimeout` (504) at the call site. URLs are built with
-``encoded=True`` so that the raw path that was matched is sent byte for byte, never
-re-normalised.
+aiohttp is used as a client only in this package; its exceptions become
+:class:`UpstreamUnavailable` (502) or :class:`UpstreamTimeout` (504) here. The request
+target is the raw path that was matched, sent byte for byte, never re-normalised.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Final
 from urllib.parse import urlsplit
 
 import aiohttp
-from multidict import CIMultiDict
+from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
-from data_plane.errors import UpstreamTimeout, UpstreamUnavailable
+from data_plane.errors import BadRequest, UpstreamTimeout, UpstreamUnavailable
+from data_plane.upstream.http1 import Key, Pool, RequestHeadInvalid, Response
 
 BODY_CHUNK_BYTES: Final = 64 * 1024
 # Idle keep-alive connections are closed after this; below the 60-75 s most servers use, so
@@ -55,18 +57,30 @@ class Target:
     host: str
     port: int
     base_path: str  # without a trailing "/"
+    key: Key  # the connection pool's key: (scheme, host, port)
+    host_header: str  # the Host header sent: the host (IPv6 in brackets), and the port unless the default
 
     @classmethod
     def parse(cls, url: str) -> Target:
         parts = urlsplit(url)
         host = parts.hostname or ""
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        host = host.encode("idna").decode("ascii") if not host.isascii() else host
+        default_port = 443 if parts.scheme == "https" else 80
+        port = parts.port or default_port
+        authority = f"[{host}]" if ":" in host else host
         return cls(
             scheme=parts.scheme,
-            host=host.encode("idna").decode("ascii") if not host.isascii() else host,
+            host=host,
             port=port,
             base_path=parts.path.rstrip("/"),
+            key=(parts.scheme, host, port),
+            host_header=authority if port == default_port else f"{authority}:{port}",
         )
+
+    def request_target(self, raw_path: str, raw_query: str) -> str:
+        """What goes on the request line: the base path, the raw path, and the query if any."""
+        path = self.base_path + raw_path
+        return f"{path}?{raw_query}" if raw_query else path
 
     def url(self, raw_path: str, raw_query: str) -> URL:
         return URL.build(
@@ -86,85 +100,65 @@ def try_timeout(seconds: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=seconds, sock_read=seconds)
 
 
-# aiohttp's own request headers, never added to a forwarded request: the upstream sees the
-# client's Accept, Accept-Encoding and User-Agent or none.
-_SKIP_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "User-Agent")
-
-
-class _ForwardedRequest(aiohttp.ClientRequest):
-    """aiohttp's request with the skip list of :data:`_SKIP_AUTO_HEADERS` built once, not per
-    request (aiohttp copies the headers and sorts the list into a new multidict each time,
-    ~2% of a worker): every default it would add is in that list, so there is nothing to add,
-    and the rest of aiohttp reads the same skip list as before. Used only where aiohttp keeps
-    that list in ``_skip_auto_headers``; elsewhere its own ``ClientRequest`` is used."""
-
-    _SKIPPED: Final[CIMultiDict[None]] = CIMultiDict((name, None) for name in sorted(_SKIP_AUTO_HEADERS))
-
-    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
-        self._skip_auto_headers = self._SKIPPED
-
-
-_REQUEST_CLASS: Final = (
-    _ForwardedRequest
-    if "_skip_auto_headers" in vars(aiohttp.ClientRequest)
-    and set(aiohttp.ClientRequest.DEFAULT_HEADERS) <= set(_SKIP_AUTO_HEADERS)
-    else aiohttp.ClientRequest
-)
-
-
 class UpstreamClient:
     """Owns the worker's connection pool. Call :meth:`start` inside the running loop."""
 
     def __init__(self) -> None:
+        self._pool = Pool(limit=POOL_LIMIT, limit_per_host=POOL_LIMIT_PER_HOST, keepalive_s=KEEPALIVE_TIMEOUT_S)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=POOL_LIMIT,
-            limit_per_host=POOL_LIMIT_PER_HOST,
-            ttl_dns_cache=DNS_CACHE_TTL_S,
-            keepalive_timeout=KEEPALIVE_TIMEOUT_S,
-            enable_cleanup_closed=True,
-        )
+        # Health checks only: a few requests a second at most, so aiohttp's own client.
         self._session = aiohttp.ClientSession(
-            connector=connector,
+            connector=aiohttp.TCPConnector(limit=POOL_LIMIT_PER_HOST, ttl_dns_cache=DNS_CACHE_TTL_S),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
-            request_class=_REQUEST_CLASS,
         )
 
     async def close(self) -> None:
+        self._pool.close()
         if self._session is not None:
             await self._session.close()
+
+    @property
+    def open_connections(self) -> int:
+        """Connections to upstreams open now, idle or in use (not counting health checks)."""
+        return self._pool.open_connections
 
     async def send(
         self,
         method: str,
-        url: URL,
-        headers: CIMultiDict[str],
+        target: Target,
+        raw_path: str,
+        raw_query: str,
+        headers: Iterable[tuple[str, str]],
         body: AsyncIterator[bytes] | None,
         client_timeout: aiohttp.ClientTimeout,
-    ) -> aiohttp.ClientResponse:
-        """Send the request and return once the response head has arrived."""
-        assert self._session is not None, "UpstreamClient.start() was not called"
+    ) -> Response:
+        """Send the request and return once the response head has arrived. ``headers`` go
+        upstream exactly as given, after ``Host``; nothing of the client's own is added but
+        the body's framing (and aiohttp's ``Content-Type`` default for a POST, PUT or PATCH)."""
         try:
-            return await self._session.request(
+            return await self._pool.request(
                 method,
-                url,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                timeout=client_timeout,
-                compress=None,
-                chunked=None,
+                target.key,
+                target.host_header,
+                target.request_target(raw_path, raw_query),
+                headers,
+                body,
+                client_timeout.connect,
+                client_timeout.sock_read,
             )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout("the upstream did not answer in time") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamUnavailable("cannot connect to the upstream", code="upstream_connect_error") from exc
-        except (aiohttp.ClientError, OSError, BodyTooLarge) as exc:
+        except (aiohttp.ClientError, HttpProcessingError) as exc:
             raise UpstreamUnavailable("the upstream sent an invalid response", code="upstream_error") from exc
+        except RequestHeadInvalid as exc:
+            raise BadRequest("a header holds a line break", code="bad_header") from exc
+        except OSError as exc:
+            # Connecting failed (refused, unreachable, name not resolved, TLS handshake):
+            # every other OSError of an exchange arrives as aiohttp's ClientOSError above.
+            raise UpstreamUnavailable("cannot connect to the upstream", code="upstream_connect_error") from exc
 
     async def probe(self, url: URL, timeout_s: float) -> int | None:
         """GET ``url`` for a health check: the status, or None when no valid answer came in ``timeout_s``."""
@@ -190,7 +184,7 @@ class UpstreamBrokenOff(ConnectionResetError):
     GatewayError."""
 
 
-async def response_body(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def response_body(response: Response) -> AsyncIterator[bytes]:
     """The upstream response body as it arrives. A response broken off mid-body raises
     :class:`UpstreamBrokenOff`, and its connection is closed rather than returned to the pool."""
     try:

@@ -19,13 +19,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 import aiohttp
-from multidict import CIMultiDict
 from yarl import URL
 
 from data_plane.errors import UpstreamError, UpstreamTimeout
 from data_plane.upstream import metrics
 from data_plane.upstream.client import BodyCounter, UpstreamClient, response_body, stream_body, try_timeout
 from data_plane.upstream.endpoint import Endpoint
+from data_plane.upstream.http1 import Response
 from data_plane.upstream.pool import RoutePool
 from data_plane.upstream.retry import IDEMPOTENT, RETRYABLE_STATUS
 
@@ -58,7 +58,7 @@ class Exchange:
 
     __slots__ = ("_endpoint", "response")
 
-    def __init__(self, response: aiohttp.ClientResponse, endpoint: Endpoint) -> None:
+    def __init__(self, response: Response, endpoint: Endpoint) -> None:
         self.response = response
         self._endpoint: Endpoint | None = endpoint
 
@@ -111,7 +111,7 @@ class Dispatcher:
         method: str,
         raw_path: str,
         raw_query: str,
-        headers: CIMultiDict[str],
+        headers: list[tuple[str, str]],
         body: RequestBody | None,
         key: bytes | None,
     ) -> Exchange:
@@ -132,13 +132,18 @@ class Dispatcher:
             ticket = breaker.acquire() if breaker is not None else 0
             remaining = deadline - now
             timeout = pool.timeout if remaining >= pool.timeout_s else try_timeout(round(max(remaining, 0.001), 3))
-            url = endpoint.target.url(raw_path, raw_query)
             endpoint.active += 1
             started = now
             recorded = False
             try:
                 response = await self._client.send(
-                    method, url, headers, body.stream() if body is not None else None, timeout
+                    method,
+                    endpoint.target,
+                    raw_path,
+                    raw_query,
+                    headers,
+                    body.stream() if body is not None else None,
+                    timeout,
                 )
             except UpstreamError as exc:
                 endpoint.active -= 1

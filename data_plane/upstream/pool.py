@@ -23,9 +23,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final
 
 import aiohttp
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Gauge
 
 from data_plane.errors import ServiceUnavailable
+from data_plane.metrics import BatchedCounter, BatchedHistogram, batched_counter, batched_histogram
 from data_plane.upstream import metrics
 from data_plane.upstream.balancer import Balancer, ConsistentHash, LeastConnections, RoundRobin
 from data_plane.upstream.breaker import Breaker
@@ -126,7 +127,7 @@ class Member:
         self.endpoint = endpoint
         self.breaker = breaker
         self.weight = weight
-        self._requests: dict[str, Counter] | None = None  # made on the first try: most routes idle
+        self._requests: dict[str, BatchedCounter] | None = None  # made on the first try: most routes idle
 
     def count(self, route_id: str, result: str) -> None:
         children = self._requests
@@ -134,7 +135,7 @@ class Member:
             children = self._requests = {}
         child = children.get(result)
         if child is None:
-            child = children[result] = metrics.REQUESTS.labels(route_id, self.endpoint.url, result)
+            child = children[result] = batched_counter(metrics.REQUESTS, route_id, self.endpoint.url, result)
         child.inc()
 
 
@@ -188,7 +189,7 @@ class RoutePool:
         # Only a route that retries needs a budget (and counts its requests).
         self.budget: RetryBudget | None = registry.budget(route.id) if route.retries else None
         self.health_check: HealthCheck | None = route.health_check
-        self._latency: Histogram | None = None
+        self._latency: BatchedHistogram | None = None
 
     # -- choosing ------------------------------------------------------------------------
 
@@ -279,7 +280,7 @@ class RoutePool:
     def observe_latency(self, seconds: float) -> None:
         latency = self._latency
         if latency is None:
-            latency = self._latency = metrics.LATENCY.labels(self.route_id)
+            latency = self._latency = batched_histogram(metrics.LATENCY, self.route_id)
         latency.observe(seconds)
 
 

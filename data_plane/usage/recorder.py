@@ -16,7 +16,7 @@ from typing import Final
 from aiohttp import web
 
 from data_plane.accesslog import AccessLog
-from data_plane.metrics import UPSTREAM_SECONDS, UPSTREAM_TIME, RequestMetrics
+from data_plane.metrics import UPSTREAM_BATCH, UPSTREAM_TIME, RequestMetrics
 from data_plane.router import CompiledRoute
 from data_plane.usage.aggregator import Aggregator
 from shared.snapshot import Tenant
@@ -55,7 +55,7 @@ class Recorder:
         bytes_in = request.content.total_bytes
         upstream = request.get(UPSTREAM_TIME)
         if upstream is not None:
-            UPSTREAM_SECONDS.observe(upstream)
+            UPSTREAM_BATCH.observe(upstream)
         route_id = route.route.id if route is not None else "none"
         status_class = status // 100
         if tenant is None:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from data_plane import metrics
 from data_plane.accesslog import AccessLog
 from data_plane.metrics import Exposition, RequestMetrics, WorkerGauges
 from data_plane.usage.aggregator import Aggregator
@@ -51,3 +52,4 @@ class Observability:
         """After the proxy has drained: report (or spool) the last usage, write the last log lines."""
         await self.access_log.close()
         await self.reporter.close()
+        metrics.flush()

@@ -1,0 +1,396 @@
+"""HTTP/1.1 exchanges with upstreams over pooled keep-alive connections.
+
+aiohttp's ``ClientSession`` builds, per request, a ``ClientRequest`` through a dozen update
+steps, a timer context, a connector lookup, a ``StreamWriter`` and a ``ClientResponse``:
+most of what forwarding a small request costs. This module keeps the part of aiohttp that
+needs care — its response protocol (``ResponseHandler``: the llhttp parser, the body
+``StreamReader`` with flow control, the read timeout, EOF and error handling) — and does the
+rest directly:
+
+    acquire   an idle connection to (scheme, host, port), newest first; else a new one within
+              the connect timeout, waiting for a free slot at the pool's limits
+    write     the request head as one string, the body (if any) from a task, chunked unless
+              the caller gave a Content-Length, with the transport's flow control
+    read      the response head; 1xx interim answers (100, 103) are skipped, a 101 is returned
+    release   the connection goes back only when the body was read to its end, nothing more
+              arrived, and neither side asked to close; anything else closes it
+
+A request that fails on a reused connection before any answer (the upstream closed it while
+it was idle) is sent once more on a new connection when it has no body and its method is
+idempotent, as RFC 9112 §9.3.1 allows and as aiohttp does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from typing import Final
+
+from aiohttp.client_exceptions import (
+    ClientConnectionError,
+    ClientOSError,
+    ServerDisconnectedError,
+)
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.streams import EofStream, StreamReader
+from multidict import CIMultiDictProxy
+
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Methods that carry a body by definition: without one they say so with Content-Length: 0,
+# and without a Content-Type they are sent as application/octet-stream (what aiohttp sends).
+_BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+_NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# The limits aiohttp's client applies to a response head.
+MAX_LINE_BYTES: Final = 8190
+MAX_FIELD_BYTES: Final = 8190
+MAX_HEADERS: Final = 128
+
+Key = tuple[str, str, int]  # scheme, host, port
+
+
+class RequestHeadInvalid(ValueError):
+    """A header name or value holds a line break: it would split the request head."""
+
+
+class Connection:
+    """One keep-alive connection and the pool slot it holds."""
+
+    __slots__ = ("idle_since", "key", "protocol")
+
+    def __init__(self, key: Key, protocol: ResponseHandler) -> None:
+        self.key = key
+        self.protocol = protocol
+        self.idle_since = 0.0
+
+
+class Response:
+    """An upstream response whose head has arrived. :meth:`release` (or :meth:`close`) it
+    exactly once when done with it."""
+
+    __slots__ = ("_conn", "_pool", "_writer", "content", "headers", "reason", "status")
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        headers: CIMultiDictProxy[str],
+        content: StreamReader,
+        conn: Connection,
+        pool: Pool,
+        writer: asyncio.Task[None] | None,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.content = content
+        self._conn: Connection | None = conn
+        self._pool = pool
+        self._writer = writer
+
+    def release(self) -> None:
+        """Give the connection back if it can carry another request, else close it."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        writer = self._writer
+        if writer is not None and not writer.done():
+            writer.cancel()  # the answer came before the whole request body: the connection is spent
+            self._pool.discard(conn)
+        elif self.content.is_eof() and not conn.protocol.should_close:
+            self._pool.put(conn)
+        else:
+            self._pool.discard(conn)
+
+    def close(self) -> None:
+        """Close the connection whatever state the exchange is in."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+        self._pool.discard(conn)
+
+
+class Pool:
+    """Keep-alive connections to any number of upstreams, for one event loop.
+
+    At most ``limit`` connections are open at once, and ``limit_per_host`` to one (scheme,
+    host, port); a request beyond them waits for a slot within its connect timeout. Idle
+    connections are closed after ``keepalive_s``."""
+
+    def __init__(self, *, limit: int, limit_per_host: int, keepalive_s: float) -> None:
+        self._limit = limit
+        self._limit_per_host = limit_per_host
+        self._keepalive_s = keepalive_s
+        self._idle: dict[Key, list[Connection]] = {}
+        self._open: dict[Key, int] = {}
+        self._open_total = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._sweep: asyncio.TimerHandle | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._closed = False
+
+    # -- one exchange --------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        key: Key,
+        host_header: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        body: AsyncIterator[bytes] | None,
+        connect_s: float | None,
+        read_s: float | None,
+    ) -> Response:
+        """Send one request and return once its response head has arrived.
+
+        ``target`` is the request target as sent (path and query, already checked);
+        ``headers`` are sent as given after ``Host``. Raises aiohttp's client exceptions
+        (``ClientOSError``, ``ServerDisconnectedError``, ``SocketTimeoutError`` …),
+        ``HttpProcessingError`` for an invalid response, ``OSError`` or ``TimeoutError``
+        from connecting, and :class:`RequestHeadInvalid`."""
+        head, chunked = _request_head(method, host_header, target, headers, body is not None)
+        retry_stale = body is None and method in IDEMPOTENT
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, reused = await self._acquire(loop, key, connect_s)
+            protocol = conn.protocol
+            transport = protocol.transport
+            if transport is None or transport.is_closing():
+                self.discard(conn)
+                if reused:
+                    continue
+                raise ServerDisconnectedError()
+            protocol.set_response_params(
+                skip_payload=method == "HEAD",
+                read_until_eof=True,  # a body with neither length nor chunking ends when the upstream closes
+                read_timeout=read_s,
+                auto_decompress=False,
+                max_line_size=MAX_LINE_BYTES,
+                max_field_size=MAX_FIELD_BYTES,
+                max_headers=MAX_HEADERS,
+            )
+            transport.write(head)
+            writer: asyncio.Task[None] | None = None
+            if body is None:
+                protocol.start_timeout()
+            else:
+                writer = loop.create_task(_write_body(protocol, body, chunked))
+            try:
+                message, payload = await protocol.read()
+                # Interim answers (100 Continue, 103 Early Hints) precede the real one; a 101 is final.
+                while 100 <= message.code < 200 and message.code != 101:
+                    message, payload = await protocol.read()
+            except (ServerDisconnectedError, ClientOSError, EofStream) as exc:
+                _stop(writer)
+                self.discard(conn)
+                if reused and retry_stale:
+                    retry_stale = False
+                    continue
+                if isinstance(exc, EofStream):
+                    raise ServerDisconnectedError() from None
+                raise
+            except BaseException:
+                _stop(writer)
+                self.discard(conn)
+                raise
+            return Response(message.code, message.reason, message.headers, payload, conn, self, writer)
+
+    # -- the pool ------------------------------------------------------------------------
+
+    async def _acquire(
+        self, loop: asyncio.AbstractEventLoop, key: Key, connect_s: float | None
+    ) -> tuple[Connection, bool]:
+        idle = self._idle.get(key)
+        if idle:
+            now = loop.time()
+            while idle:
+                conn = idle.pop()
+                protocol = conn.protocol
+                if now - conn.idle_since < self._keepalive_s and protocol.is_connected() and not protocol.should_close:
+                    return conn, True
+                self.discard(conn)
+        async with asyncio.timeout(connect_s):
+            while self._open_total >= self._limit or self._open.get(key, 0) >= self._limit_per_host:
+                waiter = loop.create_future()
+                self._waiters.append(waiter)
+                try:
+                    await waiter
+                finally:
+                    if not waiter.done():
+                        waiter.cancel()
+                    with contextlib.suppress(ValueError):  # already woken: no longer queued
+                        self._waiters.remove(waiter)
+                # A connection to this key may have gone idle meanwhile.
+                idle = self._idle.get(key)
+                while idle:
+                    conn = idle.pop()
+                    if conn.protocol.is_connected() and not conn.protocol.should_close:
+                        return conn, True
+                    self.discard(conn)
+            self._open_total += 1
+            self._open[key] = self._open.get(key, 0) + 1
+            try:
+                return await self._connect(loop, key), False
+            except BaseException:
+                self._release_slot(key)
+                raise
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, key: Key) -> Connection:
+        scheme, host, port = key
+        context: ssl.SSLContext | None = None
+        if scheme == "https":
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            context = self._ssl
+        _, protocol = await loop.create_connection(
+            lambda: ResponseHandler(loop), host, port, ssl=context, server_hostname=host if context else None
+        )
+        return Connection(key, protocol)
+
+    def put(self, conn: Connection) -> None:
+        """An idle connection that can carry another request."""
+        if self._closed:
+            self.discard(conn)
+            return
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
+        idle = self._idle.get(conn.key)
+        if idle is None:
+            idle = self._idle[conn.key] = []
+        idle.append(conn)
+        if self._waiters:
+            self._wake()
+        if self._sweep is None:
+            self._sweep = loop.call_later(self._keepalive_s, self._sweep_idle)
+
+    def discard(self, conn: Connection) -> None:
+        """Close ``conn`` and free its slot."""
+        conn.protocol.close()
+        self._release_slot(conn.key)
+
+    def _release_slot(self, key: Key) -> None:
+        self._open_total -= 1
+        left = self._open[key] - 1
+        if left:
+            self._open[key] = left
+        else:
+            del self._open[key]
+        if self._waiters:
+            self._wake()
+
+    def _wake(self) -> None:
+        # Every waiter checks again: which one can go depends on its key.
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _sweep_idle(self) -> None:
+        self._sweep = None
+        oldest = None
+        for key, idle in list(self._idle.items()):
+            if not idle:
+                continue
+            cutoff = asyncio.get_running_loop().time() - self._keepalive_s
+            keep = []
+            for conn in idle:
+                if conn.idle_since <= cutoff or not conn.protocol.is_connected():
+                    self.discard(conn)
+                else:
+                    keep.append(conn)
+                    oldest = conn.idle_since if oldest is None else min(oldest, conn.idle_since)
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        if oldest is not None:
+            loop = asyncio.get_running_loop()
+            self._sweep = loop.call_at(oldest + self._keepalive_s, self._sweep_idle)
+
+    def close(self) -> None:
+        """Close every idle connection; connections in use close when released."""
+        self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                self.discard(conn)
+
+    @property
+    def open_connections(self) -> int:
+        return self._open_total
+
+
+def _request_head(
+    method: str, host_header: str, target: str, headers: Iterable[tuple[str, str]], has_body: bool
+) -> tuple[bytes, bool]:
+    """The request line and header block, and whether the body goes chunked."""
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host_header}\r\n"]
+    content_length = content_type = False
+    for name, value in headers:
+        lines.append(f"{name}: {value}\r\n")
+        lowered = name.lower()
+        if lowered == "content-length":
+            content_length = True
+        elif lowered == "content-type":
+            content_type = True
+    count = len(lines) + 2  # the request line and Host share the first piece; the blank line ends the head
+    chunked = has_body and not content_length
+    if method in _BODY_METHODS and not content_type:
+        lines.append("Content-Type: application/octet-stream\r\n")
+        count += 1
+    if chunked:
+        lines.append("Transfer-Encoding: chunked\r\n")
+        count += 1
+    elif not has_body and not content_length and method not in _NO_BODY_METHODS:
+        lines.append("Content-Length: 0\r\n")
+        count += 1
+    lines.append("\r\n")
+    text = "".join(lines)
+    # Every line ends in the one CRLF put there above: a CR or LF inside a name or value
+    # (which the server's parser never lets through) would add a line of its own.
+    if text.count("\n") != count or text.count("\r") != count:
+        raise RequestHeadInvalid("a request header holds a line break")
+    return text.encode("utf-8", "surrogateescape"), chunked
+
+
+async def _write_body(protocol: ResponseHandler, body: AsyncIterator[bytes], chunked: bool) -> None:
+    """Stream ``body`` after the head; a failure (the client's body broke off or was too large,
+    the connection dropped) fails the exchange waiting on ``protocol``."""
+    try:
+        async for chunk in body:
+            transport = protocol.transport
+            if transport is None or transport.is_closing():
+                raise ClientOSError("the upstream connection closed while the request body was sent")
+            if chunked:
+                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            else:
+                transport.write(chunk)
+            if protocol.writing_paused:
+                await protocol._drain_helper()
+        if chunked:
+            transport = protocol.transport
+            if transport is None or transport.is_closing():
+                raise ClientOSError("the upstream connection closed while the request body was sent")
+            transport.write(b"0\r\n\r\n")
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        error = ClientConnectionError(f"the request body could not be sent: {exc!r}")
+        error.__cause__ = exc
+        protocol.set_exception(error)
+        protocol.abort()
+        return
+    protocol.start_timeout()
+
+
+def _stop(writer: asyncio.Task[None] | None) -> None:
+    if writer is not None and not writer.done():
+        writer.cancel()
