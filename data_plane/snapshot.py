@@ -14,7 +14,7 @@ worker thread, off the event loop: nothing here may touch the loop.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Final, TypeVar
@@ -28,6 +28,7 @@ from data_plane.upstream.pool import RoutePool, compile_pools
 from shared import snapshot as model
 from shared._generated.tenantgate.v1 import cluster_pb2, snapshot_pb2
 from shared.errors import InvalidSnapshot
+from shared.shardmap import ShardMap
 
 _V = TypeVar("_V")
 
@@ -52,21 +53,22 @@ class Changes:
 
 @dataclass(frozen=True, slots=True)
 class Objects:
-    """A snapshot's objects by id, in snapshot order: what a delta applies to. Never mutated:
-    a delta makes new dicts."""
+    """A snapshot's objects by id: what a delta applies to. Never mutated: a delta makes new
+    maps. Routes are in snapshot order (it decides ties); the numerous kinds (tenants, keys)
+    are :class:`ShardMap` s, so that a delta copies a few shards of them, not all."""
 
     version: int
     built_at_ms: int
-    tenants: dict[str, model.Tenant]
-    api_keys: dict[str, model.ApiKey]
+    tenants: ShardMap[str, model.Tenant]
+    api_keys: ShardMap[str, model.ApiKey]
     routes: dict[str, model.Route]
     jwt_issuers: dict[str, model.JwtIssuer]
     oauth_clients: dict[str, model.OAuthClient]
     signing_keys: dict[str, model.SigningKey]
     # Key ids per tenant, and the key holding each hash: to patch the key table and to keep
     # hashes unique without scanning every key.
-    keys_by_tenant: dict[str, tuple[str, ...]] = field(repr=False)
-    key_by_hash: dict[bytes, str] = field(repr=False)
+    keys_by_tenant: ShardMap[str, tuple[str, ...]] = field(repr=False)
+    key_by_hash: ShardMap[bytes, str] = field(repr=False)
 
     @classmethod
     def of(cls, snap: model.Snapshot) -> Objects:
@@ -76,14 +78,14 @@ class Objects:
         return cls(
             version=snap.version,
             built_at_ms=snap.built_at_ms,
-            tenants={t.id: t for t in snap.tenants},
-            api_keys={k.id: k for k in snap.api_keys},
+            tenants=ShardMap((t.id, t) for t in snap.tenants),
+            api_keys=ShardMap((k.id, k) for k in snap.api_keys),
             routes={r.id: r for r in snap.routes},
             jwt_issuers={i.id: i for i in snap.jwt_issuers},
             oauth_clients={c.id: c for c in snap.oauth_clients},
             signing_keys={k.kid: k for k in snap.signing_keys},
-            keys_by_tenant={tid: tuple(ids) for tid, ids in keys_by_tenant.items()},
-            key_by_hash={k.key_hash: k.id for k in snap.api_keys},
+            keys_by_tenant=ShardMap((tid, tuple(ids)) for tid, ids in keys_by_tenant.items()),
+            key_by_hash=ShardMap((k.key_hash, k.id) for k in snap.api_keys),
         )
 
     def identity(self) -> model.Snapshot:
@@ -212,8 +214,8 @@ def apply_delta(base: Objects, delta: cluster_pb2.SnapshotDelta) -> tuple[Object
     if ups.version <= base.version:
         raise InvalidSnapshot(f"delta to version {ups.version} does not move past {base.version}")
 
-    tenants = _patched(base.tenants, delta.removed_tenants, [(t.id, t) for t in ups.tenants])
-    api_keys = _patched(base.api_keys, delta.removed_api_keys, [(k.id, k) for k in ups.api_keys])
+    tenants = base.tenants.patched(delta.removed_tenants, [(t.id, t) for t in ups.tenants])
+    api_keys = base.api_keys.patched(delta.removed_api_keys, [(k.id, k) for k in ups.api_keys])
     routes = _patched(base.routes, delta.removed_routes, [(r.id, r) for r in ups.routes])
     issuers = _patched(base.jwt_issuers, delta.removed_jwt_issuers, [(i.id, i) for i in ups.jwt_issuers])
     clients = _patched(base.oauth_clients, delta.removed_oauth_clients, [(c.id, c) for c in ups.oauth_clients])
@@ -221,19 +223,24 @@ def apply_delta(base: Objects, delta: cluster_pb2.SnapshotDelta) -> tuple[Object
 
     # Keys: the per-tenant index and the hash owners follow the removed and upserted keys.
     touched_keys = set(delta.removed_api_keys) | {k.id for k in ups.api_keys}
-    keys_by_tenant = dict(base.keys_by_tenant) if touched_keys or delta.removed_tenants else base.keys_by_tenant
-    key_by_hash = dict(base.key_by_hash) if touched_keys else base.key_by_hash
+    by_tenant: dict[str, tuple[str, ...]] = {}  # the tenants whose key list changes, as it becomes
+    hashes_gone: set[bytes] = set()
     for kid in touched_keys:
         old = base.api_keys.get(kid)
         if old is not None:
-            keys_by_tenant[old.tenant_id] = tuple(i for i in keys_by_tenant.get(old.tenant_id, ()) if i != kid)
-            if key_by_hash.get(old.key_hash) == kid:
-                del key_by_hash[old.key_hash]
+            ids = by_tenant.get(old.tenant_id, base.keys_by_tenant.get(old.tenant_id, ()))
+            by_tenant[old.tenant_id] = tuple(i for i in ids if i != kid)
+            if base.key_by_hash.get(old.key_hash) == kid:
+                hashes_gone.add(old.key_hash)
+    hashes_new: dict[bytes, str] = {}
     for k in ups.api_keys:
-        keys_by_tenant[k.tenant_id] = (*keys_by_tenant.get(k.tenant_id, ()), k.id)
-        owner = key_by_hash.setdefault(k.key_hash, k.id)
+        by_tenant[k.tenant_id] = (*by_tenant.get(k.tenant_id, base.keys_by_tenant.get(k.tenant_id, ())), k.id)
+        owner = hashes_new.setdefault(k.key_hash, k.id)
+        if owner == k.id and k.key_hash not in hashes_gone:
+            owner = base.key_by_hash.get(k.key_hash, k.id)
         if owner != k.id:
             raise InvalidSnapshot(f"api key {k.id}: hash must be {model.KEY_HASH_BYTES} unique bytes")
+    key_by_hash = base.key_by_hash.patched(hashes_gone, hashes_new.items())
 
     # The upserted objects are validated as a snapshot of their own, with the tenants they name.
     named = {k.tenant_id for k in ups.api_keys} | {i.tenant_id for i in ups.jwt_issuers}
@@ -254,11 +261,14 @@ def apply_delta(base: Objects, delta: cluster_pb2.SnapshotDelta) -> tuple[Object
     # What only the whole snapshot can tell: nothing left pointing at a removed tenant, and
     # identity names unique across all issuers and clients (there are few of them).
     for tid in delta.removed_tenants:
-        if keys_by_tenant.get(tid) or any(i.tenant_id == tid for i in issuers.values()):
+        if by_tenant.get(tid, base.keys_by_tenant.get(tid)) or any(i.tenant_id == tid for i in issuers.values()):
             raise InvalidSnapshot(f"tenant {tid} is removed but still has keys or issuers")
         if any(c.tenant_id == tid for c in clients.values()):
             raise InvalidSnapshot(f"tenant {tid} is removed but still has OAuth clients")
-        keys_by_tenant.pop(tid, None)
+    keys_by_tenant = base.keys_by_tenant.patched(
+        [*delta.removed_tenants, *(tid for tid, ids in by_tenant.items() if not ids)],
+        [(tid, ids) for tid, ids in by_tenant.items() if ids],
+    )
     if ups.jwt_issuers or ups.oauth_clients:
         if len({(i.tenant_id, i.issuer) for i in issuers.values()}) != len(issuers):
             raise InvalidSnapshot("jwt issuers: issuer must be unique per tenant")
@@ -309,7 +319,7 @@ def _patched(base: dict[str, _V], removed: Sequence[str], upserts: list[tuple[st
 class Compiled:
     version: int
     router: Router
-    tenants: dict[str, model.Tenant]
+    tenants: ShardMap[str, model.Tenant]
     # Route id → its upstream pool (targets, balancer, breakers, retry budget); target state
     # is shared with the previous snapshot's pools wherever the target URL is unchanged.
     upstreams: dict[str, RoutePool]
@@ -332,26 +342,25 @@ def compile_objects(objects: Objects, previous: Compiled | None = None, changes:
     tenants = objects.tenants
     if previous is None or changes is None:
         router = Router(objects.routes.values())
-        changed_routes: Iterable[model.Route] = objects.routes.values()
-        upstreams_base: dict[str, RoutePool] = {}
+        upstreams = compile_pools(objects.routes.values())
         auth = Auth(objects.snapshot(), tenants)
     else:
-        # In snapshot order: new routes come after all others, as in a rebuild.
-        changed_routes = [r for rid, r in objects.routes.items() if rid in changes.routes] if changes.routes else []
-        gone = [rid for rid in changes.routes if rid not in objects.routes]
-        router = previous.router.with_changes(changed_routes, gone) if changes.routes else previous.router
-        upstreams_base = (
-            {rid: t for rid, t in previous.upstreams.items() if rid not in changes.routes}
-            if changes.routes
-            else previous.upstreams
-        )
+        router, upstreams = previous.router, previous.upstreams
+        if changes.routes:
+            # In snapshot order: new routes come after all others, as in a rebuild.
+            changed_routes = [r for rid, r in objects.routes.items() if rid in changes.routes]
+            gone = [rid for rid in changes.routes if rid not in objects.routes]
+            router = router.with_changes(changed_routes, gone)
+            upstreams = dict(upstreams)
+            for rid in gone:
+                upstreams.pop(rid, None)
+            upstreams.update(compile_pools(changed_routes))
         touches_auth = changes.tenants or changes.api_keys or changes.identity
         auth = (
             Auth(objects.identity(), tenants, _patched_keys(previous, objects, changes))
             if touches_auth
             else previous.auth
         )
-    upstreams = upstreams_base | compile_pools(changed_routes)
     compile_ms = (time.perf_counter() - started) * 1000
     return Compiled(objects.version, router, tenants, upstreams, compile_ms, auth, objects)
 

@@ -14,6 +14,8 @@ from urllib.parse import unquote_plus
 
 from data_plane.auth.identity import API_KEY_CHALLENGE, Identity, www_authenticate
 from data_plane.errors import Unauthenticated
+from shared.shardmap import MASK as SHARD_MASK
+from shared.shardmap import ShardMap
 from shared.snapshot import ApiKey, Tenant
 
 HEADER: Final = "X-API-Key"
@@ -27,12 +29,19 @@ _CHALLENGE: Final = www_authenticate(API_KEY_CHALLENGE)
 
 class KeyTable:
     """SHA-256 of a key → the identity it proves. Built once per snapshot; revoked keys and
-    keys of deleted tenants are absent from the snapshot, so they are absent here."""
+    keys of deleted tenants are absent from the snapshot, so they are absent here.
 
-    __slots__ = ("_by_hash",)
+    The table is a :class:`ShardMap`: a snapshot delta that adds or revokes a key copies one
+    shard of the table (:meth:`patched`), and a lookup is still one dict probe."""
+
+    __slots__ = ("_by_hash", "_shards")
 
     def __init__(self, keys: Iterable[ApiKey], tenants: Mapping[str, Tenant]) -> None:
-        self._by_hash = {k.key_hash: Identity(tenants[k.tenant_id], frozenset(), False, k.id) for k in keys}
+        self._set(ShardMap((k.key_hash, Identity(tenants[k.tenant_id], frozenset(), False, k.id)) for k in keys))
+
+    def _set(self, by_hash: ShardMap[bytes, Identity]) -> None:
+        self._by_hash = by_hash
+        self._shards = by_hash.shards
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -40,12 +49,12 @@ class KeyTable:
     def patched(self, removed: Iterable[bytes], keys: Iterable[ApiKey], tenants: Mapping[str, Tenant]) -> KeyTable:
         """This table without the ``removed`` hashes and with ``keys`` (re)added: what a snapshot
         delta changed (data_plane/snapshot.py), at the cost of the keys it names, not of all."""
-        by_hash = dict(self._by_hash)
-        for key_hash in removed:
-            by_hash.pop(key_hash, None)
-        by_hash.update((k.key_hash, Identity(tenants[k.tenant_id], frozenset(), False, k.id)) for k in keys)
-        table = KeyTable((), tenants)
-        table._by_hash = by_hash
+        table = KeyTable.__new__(KeyTable)
+        table._set(
+            self._by_hash.patched(
+                removed, [(k.key_hash, Identity(tenants[k.tenant_id], frozenset(), False, k.id)) for k in keys]
+            )
+        )
         return table
 
     def lookup(self, key: str) -> Identity:
@@ -56,7 +65,8 @@ class KeyTable:
         """
         if not key or len(key) > MAX_KEY_LENGTH:
             raise Unauthenticated("invalid API key", code="invalid_api_key", headers=_CHALLENGE)
-        identity = self._by_hash.get(hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest())
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+        identity = self._shards[hash(digest) & SHARD_MASK].get(digest)
         if identity is None:
             raise Unauthenticated("invalid API key", code="invalid_api_key", headers=_CHALLENGE)
         return identity

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from data_plane import disk
+from data_plane.errors import Unauthenticated
 from data_plane.snapshot import StaleBase, apply_delta, compile_objects, compile_snapshot, decode_full
 from shared import snapshot as model
 from shared._generated.tenantgate.v1 import cluster_pb2
@@ -62,7 +63,7 @@ def test_delta_gives_the_next_snapshot_and_reuses_what_it_leaves() -> None:
         compiled.auth.keys.lookup("key-0")
     assert compiled.auth.keys.lookup("key-2").tenant.id == "t0"
     assert compiled.auth.keys.lookup("key-1").tenant.is_active is False  # the tenant's change reached its key
-    assert list(objects.api_keys) == ["k1", "k2"]
+    assert sorted(objects.api_keys) == ["k1", "k2"]
     assert objects.tenants["t1"].is_active is False
     assert objects.keys_by_tenant == {"t0": ("k2",), "t1": ("k1",)}
 
@@ -88,6 +89,12 @@ def test_delta_on_another_version_asks_for_a_full_snapshot() -> None:
     ("bad", "message"),
     [
         (delta(api_keys=(model.ApiKey("k9", "t0", key(1, 1).key_hash),)), "unique"),
+        (
+            delta(
+                api_keys=(model.ApiKey("k8", "t0", key(8, 0).key_hash), model.ApiKey("k9", "t1", key(8, 0).key_hash))
+            ),
+            "unique",
+        ),
         (delta(api_keys=(key(9, 7),)), "unknown tenant"),
         (delta(removed_tenants=["t1"]), "still has keys"),
         (delta(routes=(route(3, "no-slash/*"),)), "path must start with '/'"),
@@ -97,6 +104,31 @@ def test_bad_delta_is_refused_whole(bad: cluster_pb2.SnapshotDelta, message: str
     held = decode_full(model.to_proto(BASE))
     with pytest.raises(InvalidSnapshot, match=message):
         apply_delta(held, bad)
+
+
+def test_a_hash_given_up_in_a_delta_may_be_taken_in_it() -> None:
+    held = compile_snapshot(model.to_proto(BASE))
+    moved = model.ApiKey("k9", "t0", key(1, 1).key_hash)  # k1's hash, now k9's, of another tenant
+    objects, changes = apply_delta(held.objects, delta(api_keys=(moved,), removed_api_keys=["k1"]))
+    compiled = compile_objects(objects, held, changes)
+    identity = compiled.auth.keys.lookup("key-1")
+    assert (identity.subject, identity.tenant.id) == ("k9", "t0")
+    assert objects.key_by_hash[moved.key_hash] == "k9"
+    assert dict(objects.keys_by_tenant) == {"t0": ("k0", "k9")}
+    # The snapshot the delta applied to is unchanged: it may still be serving.
+    assert held.auth.keys.lookup("key-1").subject == "k1"
+    assert held.objects.key_by_hash[moved.key_hash] == "k1"
+    assert dict(held.objects.keys_by_tenant) == {"t0": ("k0",), "t1": ("k1",)}
+
+
+def test_a_tenant_goes_with_its_last_key_in_one_delta() -> None:
+    held = compile_snapshot(model.to_proto(BASE))
+    objects, changes = apply_delta(held.objects, delta(removed_api_keys=["k1"], removed_tenants=["t1"]))
+    compiled = compile_objects(objects, held, changes)
+    assert sorted(objects.tenants) == ["t0"] and "t1" not in objects.keys_by_tenant
+    with pytest.raises(Unauthenticated):
+        compiled.auth.keys.lookup("key-1")
+    assert len(compiled.auth.keys) == 1
 
 
 def test_disk_keeps_the_snapshot_and_the_deltas_since(tmp_path: Path) -> None:
@@ -110,7 +142,7 @@ def test_disk_keeps_the_snapshot_and_the_deltas_since(tmp_path: Path) -> None:
     assert isinstance(msg, pb.Snapshot) and msg.version == 5
     assert [d.upserts.version for d in deltas] == [6]
     objects, _ = apply_delta(decode_full(msg), deltas[0])
-    assert list(objects.api_keys) == ["k0", "k1", "k2"]
+    assert sorted(objects.api_keys) == ["k0", "k1", "k2"]
     disk.save(tmp_path, model.to_proto(objects.snapshot()))
     assert not (tmp_path / disk.JOURNAL_FILE).exists()
 
