@@ -36,6 +36,7 @@ from control_plane.store.db import Database, Listener
 from shared import snapshot as model
 from shared._generated.tenantgate.v1 import cluster_pb2
 from shared._generated.tenantgate.v1 import snapshot_pb2 as pb
+from shared.shardmap import ShardMap
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -83,8 +84,12 @@ class Catalog:
 
     version: int
     built_at_ms: int
-    entries: dict[str, dict[str, bytes]]
+    # Routes in a dict (its order is the snapshot's); the other kinds in ShardMaps, so that
+    # the next version shares all but the few shards its changes touch.
+    entries: dict[str, Mapping[str, bytes]]
     route_seq: dict[str, int]
+    # No route of this catalog, nor any removed before it, has a greater seq.
+    seq_bound: int
 
     def counts(self) -> dict[str, int]:
         return {kind: len(self.entries[kind]) for kind in KINDS}
@@ -154,6 +159,26 @@ def _encode(
     return partial, entries
 
 
+def _table(kind: str, entries: dict[str, bytes]) -> Mapping[str, bytes]:
+    """How a catalog keeps one kind's entries: routes in their (meaningful) order, the rest in
+    shards."""
+    return entries if kind == "routes" else ShardMap(entries.items())
+
+
+def _patched(old: Mapping[str, bytes], gone: list[str], new: dict[str, bytes]) -> Mapping[str, bytes]:
+    """``old`` without ``gone`` and with ``new``; ``old`` itself when neither names anything
+    (catalogs never change their tables: an untouched kind is shared with the last one)."""
+    if not gone and not new:
+        return old
+    if isinstance(old, ShardMap):
+        return old.patched(gone, new.items())
+    merged = dict(old)
+    for oid in gone:
+        del merged[oid]
+    merged.update(new)
+    return merged
+
+
 def _live(values: Iterable[_T | None]) -> tuple[_T, ...]:
     return tuple(v for v in values if v is not None)
 
@@ -177,11 +202,14 @@ def build(previous: Catalog | None, rows: config_store.ConfigRows) -> Published:
     partial, fresh = _encode(rows, rows.version, built_at_ms)
     route_seq = {rid: v[0] for rid, v in rows.routes.items() if v is not None}
     if previous is None:
-        catalog = Catalog(rows.version, built_at_ms, fresh, route_seq)
+        tables = {kind: _table(kind, fresh[kind]) for kind in KINDS}
+        catalog = Catalog(rows.version, built_at_ms, tables, route_seq, max(route_seq.values(), default=0))
         return Published(catalog, 0, None, (time.perf_counter() - started) * 1000)
 
+    # Everything below costs what changed, except a full read (compared object by object)
+    # and a route reordered (the route order rebuilt).
     by_kind = _rows_by_kind(rows)
-    entries: dict[str, dict[str, bytes]] = {}
+    entries: dict[str, Mapping[str, bytes]] = {}
     removed: dict[str, list[str]] = {}
     changed: dict[str, set[str]] = {}
     for kind in KINDS:
@@ -189,20 +217,16 @@ def build(previous: Catalog | None, rows: config_store.ConfigRows) -> Published:
         new_entries = fresh[kind]
         if rows.full:
             gone = [oid for oid in old if oid not in new_entries]
-            merged = new_entries
+            merged = _table(kind, new_entries)
         else:
             gone = [oid for oid, value in by_kind[kind].items() if value is None and oid in old]
-            # Catalogs never change their dicts: an untouched kind is shared with the last one.
-            merged = dict(old) if gone or new_entries else old
-            for oid in gone:
-                del merged[oid]
-            merged.update(new_entries)
+            merged = _patched(old, gone, new_entries)
         removed[kind] = gone
         changed[kind] = {oid for oid, entry in new_entries.items() if old.get(oid) != entry}
         entries[kind] = merged
 
     if not rows.full and not rows.routes:
-        catalog = Catalog(rows.version, built_at_ms, entries, previous.route_seq)
+        catalog = Catalog(rows.version, built_at_ms, entries, previous.route_seq, previous.seq_bound)
         delta = _delta(previous.version, partial, changed, removed, [])
         return Published(catalog, previous.version, delta, (time.perf_counter() - started) * 1000)
 
@@ -212,22 +236,26 @@ def build(previous: Catalog | None, rows: config_store.ConfigRows) -> Published:
     seqs = dict(previous.route_seq)
     for oid in removed["routes"]:
         seqs.pop(oid, None)
-    survivors_max = max(seqs.values(), default=0)
-    added = [oid for oid in entries["routes"] if oid not in previous.entries["routes"]]
+    # New routes in seq order (as _encode sorts them).
+    added = [oid for oid in fresh["routes"] if oid not in previous.entries["routes"]]
     seqs.update(route_seq)
-    in_order = all(route_seq[oid] > survivors_max for oid in added)
+    # A route created since has a seq past every earlier one: then no survivor need be looked at.
+    in_order = all(route_seq[oid] > previous.seq_bound for oid in added)
+    if not in_order:
+        fresh_ids = set(added)
+        survivors = max((seq for oid, seq in seqs.items() if oid not in fresh_ids), default=0)
+        in_order = all(route_seq[oid] > survivors for oid in added)
     if not rows.full:
-        # Surviving routes stay in place, new ones follow in seq order.
-        kept = [oid for oid in previous.entries["routes"] if oid in entries["routes"]]
-        order = kept + sorted(added, key=lambda oid: route_seq[oid])
+        # Surviving routes stay in place and new ones follow in seq order: that is how the
+        # merged dict is ordered already, unless a reactivated route goes back in its place.
         if not in_order:
-            order.sort(key=lambda oid: seqs[oid])
-        entries["routes"] = {oid: entries["routes"][oid] for oid in order}
+            entries["routes"] = {oid: entries["routes"][oid] for oid in sorted(entries["routes"], key=seqs.__getitem__)}
     else:
         kept = [oid for oid in previous.entries["routes"] if oid in entries["routes"]]
         in_order = in_order and kept == [oid for oid in entries["routes"] if oid in previous.entries["routes"]]
 
-    catalog = Catalog(rows.version, built_at_ms, entries, seqs)
+    bound = max(previous.seq_bound, max(route_seq.values(), default=0))
+    catalog = Catalog(rows.version, built_at_ms, entries, seqs, bound)
     ordered_delta = _delta(previous.version, partial, changed, removed, added) if in_order else None
     return Published(catalog, previous.version, ordered_delta, (time.perf_counter() - started) * 1000)
 
@@ -341,11 +369,13 @@ class SnapshotCache:
     async def _rebuild(self) -> None:
         previous = self._current
         have = previous.version if previous is not None else 0
+        started = time.perf_counter()
         rows = None if previous is None else await config_store.load_changes(self._db, have)
         if rows is None:
             rows = await config_store.load_rows(self._db)
         if rows.version <= have:
             return
+        read_ms = (time.perf_counter() - started) * 1000
         with metrics.SNAPSHOT_BUILD_SECONDS.time():
             if rows.full:
                 # A full read of a large config is seconds of encoding: keep the loop free.
@@ -357,6 +387,7 @@ class SnapshotCache:
             "snapshot built",
             extra={
                 "config_version": published.version,
+                "read_ms": round(read_ms, 2),
                 "build_ms": round(published.build_ms, 2),
                 "changed": rows.changed if not rows.full else "all",
                 "delta": published.delta is not None,
