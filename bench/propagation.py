@@ -46,6 +46,22 @@ POLL_TIMEOUT_S: Final = 60.0
 KEYS_PER_TENANT: Final = 40
 UNLIMITED: Final = {"tier": "enterprise", "rate_limit_per_minute": 10**9, "rate_limit_per_hour": 10**9}
 _APPLIED: Final = re.compile(r"snapshot applied config_version=(\d+) kind=(\w+) compile_ms=([\d.]+) apply_ms=([\d.]+)")
+_BUILT: Final = re.compile(r"snapshot built config_version=(\d+)")
+
+
+def _log_time(line: str) -> float:
+    """The Unix time of a text log line (its first 23 characters, local time, milliseconds)."""
+    return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def _log_events(service: Service, pattern: re.Pattern[str]) -> list[tuple[int, float]]:
+    """(version, Unix time) of every line of ``service``'s log that ``pattern`` matches."""
+    out = []
+    for line in service.log_path.read_text(errors="replace").splitlines():
+        m = pattern.search(line)
+        if m:
+            out.append((int(m[1]), _log_time(line)))
+    return out
 
 
 @dataclass
@@ -140,10 +156,15 @@ def start_node(stack: Stack, cluster_addr: str, redis_url: str, name: str, data_
 
 
 def api(admin_url: str, method: str, path: str, body: Any = None) -> Any:
+    return api_versioned(admin_url, method, path, body)[0]
+
+
+def api_versioned(admin_url: str, method: str, path: str, body: Any = None) -> tuple[Any, int]:
+    """The answer's body and the config version it committed (``X-Config-Version``, else 0)."""
     answer = http(method, admin_url + path, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, json_body=body)
     if answer.status >= 300:
         raise RuntimeError(f"{method} {path} -> {answer.status}: {answer.body[:300]!r}")
-    return answer.json() if answer.body else None
+    return (answer.json() if answer.body else None), int(answer.headers.get("x-config-version", 0))
 
 
 def _served_everywhere(probes: list[Probe], path: str, key: str) -> float:
@@ -168,25 +189,64 @@ def _served_everywhere(probes: list[Probe], path: str, key: str) -> float:
     return max(done)
 
 
-def measure_propagation(admin_url: str, nodes: list[Node], upstream: str, changes: int, tag: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Change:
+    kind: str
+    version: int
+    committed: float  # Unix time of the 2xx
+    served_s: float  # from the 2xx to every node serving it
+
+
+def measure_propagation(
+    admin_url: str, cp: Service, nodes: list[Node], upstream: str, changes: int, tag: str
+) -> dict[str, Any]:
     tenant = api(admin_url, "POST", "/admin/tenants", {"name": f"prop-{tag}", **UNLIMITED})
     probes = [Probe(n) for n in nodes]
     api(admin_url, "POST", "/admin/routes", {"path": f"/prop-{tag}/*", "upstream": upstream})
     _served_everywhere(probes, f"/prop-{tag}/x", tenant["api_key"])
-    by_kind: dict[str, list[float]] = {"route": [], "key": []}
+    done: list[Change] = []
     for i in range(changes):
         if i % 2 == 0:
-            api(admin_url, "POST", "/admin/routes", {"path": f"/prop-{tag}-{i}/*", "upstream": upstream})
+            _, version = api_versioned(
+                admin_url, "POST", "/admin/routes", {"path": f"/prop-{tag}-{i}/*", "upstream": upstream}
+            )
+            committed = time.time()
             seconds = _served_everywhere(probes, f"/prop-{tag}-{i}/x", tenant["api_key"])
-            by_kind["route"].append(seconds)
+            done.append(Change("route", version, committed, seconds))
         else:
             if i % KEYS_PER_TENANT == KEYS_PER_TENANT - 1:  # a tenant holds at most 50 live keys
                 tenant = api(admin_url, "POST", "/admin/tenants", {"name": f"prop-{tag}-{i}", **UNLIMITED})
-            key = api(admin_url, "POST", f"/admin/tenants/{tenant['id']}/keys", {})["key"]
-            seconds = _served_everywhere(probes, f"/prop-{tag}/x", key)
-            by_kind["key"].append(seconds)
-    every = by_kind["route"] + by_kind["key"]
-    return {"all": _summary(every), **{kind: _summary(v) for kind, v in by_kind.items()}}
+            body, version = api_versioned(admin_url, "POST", f"/admin/tenants/{tenant['id']}/keys", {})
+            committed = time.time()
+            seconds = _served_everywhere(probes, f"/prop-{tag}/x", body["key"])
+            done.append(Change("key", version, committed, seconds))
+    by_kind = {kind: [c.served_s for c in done if c.kind == kind] for kind in ("route", "key")}
+    return {
+        "all": _summary([c.served_s for c in done]),
+        **{kind: _summary(v) for kind, v in by_kind.items()},
+        "stages": _stages(done, cp, nodes),
+    }
+
+
+def _stages(done: list[Change], cp: Service, nodes: list[Node]) -> dict[str, Any]:
+    """Where the time of each change went, from the processes' logs (millisecond clocks, one
+    machine): the 2xx → the control plane has built the version → the slowest node has
+    applied it → every node serves it. The build may end before the 2xx reaches the client."""
+    built = _log_events(cp, _BUILT)
+    applied = [_log_events(n.service, _APPLIED) for n in nodes]
+
+    def first(events: list[tuple[int, float]], version: int) -> float | None:
+        return next((t for v, t in events if v >= version), None)
+
+    cp_built, dp_applied = [], []
+    for change in done:
+        b = first(built, change.version)
+        a = [first(events, change.version) for events in applied]
+        if b is not None:
+            cp_built.append(b - change.committed)
+        if all(t is not None for t in a):
+            dp_applied.append(max(t for t in a if t is not None) - change.committed)
+    return {"cp_built_after_2xx": _summary(cp_built), "all_nodes_applied_after_2xx": _summary(dp_applied)}
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -294,7 +354,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         small = dataset.load(database_url, upstream, routes=10, tenants=10, keys=10)
         wait_version(nodes, small.version)
         report["small"] = {"routes": 10, "tenants": 10, "keys": 10}
-        report["small"]["propagation"] = measure_propagation(admin_url, nodes, upstream, args.changes, "small")
+        report["small"]["propagation"] = measure_propagation(admin_url, cp, nodes, upstream, args.changes, "small")
         seed = work / "seed"
         shutil.copytree(nodes[0].data_dir, seed)
 
@@ -311,7 +371,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "first_reach_all_nodes_s": round(time.perf_counter() - started, 2),
             "first_update": [a for a in nodes[0].applied() if a[0] == large.version][-1:],
         }
-        report["large"]["propagation"] = measure_propagation(admin_url, nodes, upstream, args.changes, "large")
+        report["large"]["propagation"] = measure_propagation(admin_url, cp, nodes, upstream, args.changes, "large")
         report["large"]["dp_rss_mb"] = [n.rss_mb() for n in nodes]
         deltas = [a[3] for a in nodes[0].applied() if a[1] == "delta" and a[0] > large.version]
         report["large"]["delta_apply_ms"] = _summary([d / 1000 for d in deltas])
