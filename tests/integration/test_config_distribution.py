@@ -1,5 +1,6 @@
 """The data plane keeps serving without its control plane: from memory while the control
-plane is gone, and from disk when it restarts meanwhile."""
+plane is gone, and from disk when it restarts meanwhile; it follows every kind of change,
+and a node that missed an update asks for the whole config and gets it."""
 
 from __future__ import annotations
 
@@ -9,15 +10,21 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
 
 import asyncpg
+import grpc
 import pytest
+from grpc import aio
 
+from shared._generated.tenantgate.v1 import cluster_pb2
 from tests.integration.harness import (
     DataPlane,
     Processes,
     Response,
+    free_port,
+    http,
     start_control_plane,
     start_data_plane,
     start_echo,
@@ -218,3 +225,123 @@ def test_data_plane_ahead_of_a_restored_database_gets_its_config_whole(
     version = back.api("POST", "/admin/routes", {"path": "/d/*", "upstream": upstream}).json()["config_version"]
     wait_for(lambda: dp.get("/d/x", {"X-API-Key": key}).status == 200, what="a change after the restore")
     assert dp.status()["config_version"] == version
+
+
+WATCH_SERVICE = "tenantgate.v1.Cluster"
+WATCH_METHOD = f"/{WATCH_SERVICE}/Watch"
+
+
+class LossyLink:
+    """Relays Watch streams from data planes to a control plane, as they are (bytes, the
+    token, the control plane's headers), and can lose the next delta the control plane
+    sends, as a link that dropped a message would. Its gRPC server runs on its own event
+    loop in a thread."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.addr = f"127.0.0.1:{free_port()}"
+        self.lost: list[int] = []  # versions of the deltas lost
+        self._lose = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="lossy-link", daemon=True)
+        self._server: aio.Server | None = None
+
+    def __enter__(self) -> LossyLink:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
+        return self
+
+    def __exit__(
+        self, _type: type[BaseException] | None, _exc: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def lose_next_delta(self) -> None:
+        self._lose.set()
+
+    async def _start(self) -> None:
+        server = aio.server()
+        # No (de)serialisers: messages pass as the bytes they are.
+        handler = grpc.stream_stream_rpc_method_handler(self._watch)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(WATCH_SERVICE, {"Watch": handler}),))
+        server.add_insecure_port(self.addr)
+        await server.start()
+        self._server = server
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=None)
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+
+    async def _watch(self, requests: AsyncIterator[bytes], context: aio.ServicerContext) -> None:
+        token = tuple((k, v) for k, v in context.invocation_metadata() or () if k == "authorization")
+        async with aio.insecure_channel(self.target) as channel:
+            call = channel.stream_stream(WATCH_METHOD)(metadata=token)
+
+            async def upstream() -> None:
+                async for request in requests:
+                    await call.write(request)
+                await call.done_writing()
+
+            sending = asyncio.create_task(upstream())
+            try:
+                await context.send_initial_metadata(tuple(await call.initial_metadata()))
+                async for raw in call:
+                    update = cluster_pb2.ConfigUpdate.FromString(raw)
+                    if update.HasField("delta") and self._lose.is_set():
+                        self._lose.clear()
+                        self.lost.append(update.delta.upserts.version)
+                        continue
+                    await context.write(raw)
+            except aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "")
+            finally:
+                sending.cancel()
+                await asyncio.gather(sending, return_exceptions=True)
+
+
+def test_a_data_plane_that_missed_a_delta_asks_for_the_whole_config_and_gets_it(
+    procs: Processes, database_url: str, redis_url: str
+) -> None:
+    cp = start_control_plane(procs, database_url)
+    upstream = start_echo(procs)
+    with LossyLink(cp.cluster_addr) as link:
+        dp = start_data_plane(procs, link.addr, redis_url, TENANTGATE_NODE_ID="dp-lossy")
+        key = cp.api("POST", "/admin/tenants", UNLIMITED).json()["api_key"]
+        held = cp.api("POST", "/admin/routes", {"path": "/a/*", "upstream": upstream}).json()["config_version"]
+        wait_for(lambda: _served(dp, "/a/x", key, 200), what="the first route")
+
+        link.lose_next_delta()
+        lost = cp.api("POST", "/admin/routes", {"path": "/lost/*", "upstream": upstream}).json()["config_version"]
+        wait_for(lambda: link.lost == [lost], what="the delta lost on the way")
+        assert dp.status()["config_version"] == held
+        assert _served(dp, "/lost/x", key, 404)
+
+        # The next delta does not apply to the version the node holds: it says so (a resync,
+        # not a refusal) and is sent the whole config, which carries the lost change too.
+        latest = cp.api("POST", "/admin/routes", {"path": "/b/*", "upstream": upstream}).json()["config_version"]
+        wait_for(lambda: dp.status()["config_version"] == latest, what="the whole config after the resync")
+        assert _served(dp, "/lost/x", key, 200) and _served(dp, "/b/x", key, 200) and _served(dp, "/a/x", key, 200)
+
+        dp_log, cp_log = dp.proc.log(), cp.proc.log()
+        assert f"asking for a full snapshot reason=delta from version {lost}, but version {held} is held" in dp_log
+        assert "data plane asked for a full snapshot" in cp_log
+        assert [line.split("kind=")[1].split()[0] for line in dp_log.splitlines() if "snapshot applied" in line][
+            -1
+        ] == "full"
+        # Not a rejection: nothing counts it as one, and the node shows synced without an error.
+        assert "tenantgate_dp_config_nacks_total 0.0" in http("GET", dp.status_url + "/metrics").body.decode()
+        assert "tenantgate_cp_config_nacks_total 0.0" in http("GET", cp.admin_url + "/metrics").body.decode()
+
+        def node() -> dict[str, object]:
+            [only] = cp.api("GET", "/admin/nodes").json()
+            return dict(only)
+
+        wait_for(lambda: node()["status"] == "synced", what="the node synced")
+        assert (node()["config_version"], node()["last_error"]) == (latest, None)
