@@ -82,14 +82,18 @@ local function window_retry(w, need)
   return math.ceil((j + N + 1) * w.bucket - now)
 end
 
+-- The key must outlive its newest bucket's stay in the window: an expiry set at the first
+-- request of each bucket (now + window + 2 buckets) covers every later request of that bucket.
 local function window_commit(w, window_ms)
   local f = string.format('%d', w.k)
-  redis.call('HINCRBY', w.key, f, 1)
+  local first = redis.call('HINCRBY', w.key, f, 1) == 1
   redis.call('HINCRBY', w.key, 's', 1)
   if w.fresh then
     redis.call('HSET', w.key, 'o', f)
   end
-  redis.call('PEXPIRE', w.key, math.ceil(window_ms + 2 * w.bucket))
+  if first then
+    redis.call('PEXPIRE', w.key, math.ceil(window_ms + 2 * w.bucket))
+  end
 end
 
 -- Civil date from days since 1970-01-01 and back (proleptic Gregorian, UTC).
@@ -200,12 +204,13 @@ if allowed then
   end
   if quota > 0 then
     if quota_used == 0 then
+      -- A new month: the key lives until a day after it ends (set once; the end does not move).
       redis.call('HSET', KEYS[5], 'p', period, 'n', 1)
+      redis.call('PEXPIRE', KEYS[5], month_end - now + 86400000)
     else
       redis.call('HINCRBY', KEYS[5], 'n', 1)
     end
     quota_used = quota_used + 1
-    redis.call('PEXPIRE', KEYS[5], month_end - now + 86400000)
   end
   if max_conc > 0 then
     local ttl = tonumber(ARGV[8])

@@ -379,6 +379,7 @@ class RedisBackend:
         now = asyncio.get_running_loop().time()
         flight = _Flight(self, batch, now + self._timeout, now + self._late_wait)
         self._in_flight += 1
+        self.commands += len(batch)  # once each, however many times a reload or redirect resends it
         if self._cluster:
             self._route(flight, batch)
         else:
@@ -405,7 +406,6 @@ class RedisBackend:
         part = _Part(flight, address, items, skip, stride, retried)
         flight.parts += 1
         self.round_trips += 1
-        self.commands += len(items)
         metrics.ROUND_TRIPS.inc()
         if stride == 2:
             payload = prefix + b"".join(ASKING + item[0] for item in items)

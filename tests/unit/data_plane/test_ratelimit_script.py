@@ -186,3 +186,23 @@ def test_every_key_of_a_tenant_shares_one_cluster_slot() -> None:
 
     slots = {key_slot(key.encode()) for key in tenant_keys("tenant-a", "route-9")}
     assert len(slots) == 1
+
+
+def test_every_key_expires_but_never_before_its_counts_leave_the_window(script: Script) -> None:
+    keys = tenant_keys(script.tenant, script.route)
+    limits = {"minute": 10, "hour": 100, "route": 10, "burst": 5, "quota": 1000, "concurrency": 3}
+    assert script.decide(T0, **limits).allowed
+    # Later in the same 0.5 s bucket: the window keys' expiry, set by the bucket's first
+    # request, must still cover this request's stay in the window (bucket end + one minute).
+    later = T0 + 400
+    assert script.decide(later, **limits).allowed
+    ttl = {key: script.client.pttl(key) for key in keys}
+    assert all(t > 0 for t in ttl.values()), ttl
+    bucket_end = (T0 // 500 + 1) * 500
+    assert ttl[keys[0]] >= bucket_end + MINUTE_MS - later  # the minute window
+    assert ttl[keys[2]] >= bucket_end + MINUTE_MS - later  # the route window
+    hour_bucket_end = (T0 // 30_000 + 1) * 30_000
+    assert ttl[keys[1]] >= hour_bucket_end + 60 * MINUTE_MS - later
+    # The quota outlives the month (it ends at the 1st of April, UTC).
+    april = int(datetime(2026, 4, 1, tzinfo=UTC).timestamp() * 1000)
+    assert ttl[keys[4]] >= april - later
