@@ -32,39 +32,42 @@ local minute_ms = tonumber(ARGV[9])
 local function open_window(key, bucket)
   local k = math.floor(now / bucket)
   local lo = k - N
-  local v = redis.call('HMGET', key, 's', 'o')
+  local f = string.format('%d', k)
+  local v = redis.call('HMGET', key, 's', 'o', f)
   local s = tonumber(v[1]) or 0
   local o = tonumber(v[2])
-  local o0 = o
   if s <= 0 or o == nil or o < lo - N then
     -- Empty, or untouched for longer than a window: every bucket has expired.
     if v[1] then redis.call('DEL', key) end
-    return {key = key, bucket = bucket, k = k, s = 0, o = k, fresh = true}
+    return {key = key, bucket = bucket, k = k, f = f, c = 0, s = 0, o = k, fresh = true, dirty = false}
   end
-  local s0 = s
-  while o < k do
-    local f = string.format('%d', o)
-    local c = redis.call('HGET', key, f)
-    if o < lo then
-      if c then
-        s = s - tonumber(c)
-        redis.call('HDEL', key, f)
+  local dirty = false
+  if o < lo then
+    -- Drop the expired buckets, then move "o" on to the oldest bucket still counted. (While
+    -- "o" is within the window it is a bucket with a count: nothing to read.)
+    dirty = true
+    while o < k do
+      local fo = string.format('%d', o)
+      local c = redis.call('HGET', key, fo)
+      if o < lo then
+        if c then
+          s = s - tonumber(c)
+          redis.call('HDEL', key, fo)
+        end
+        o = o + 1
+      elseif c then
+        break
+      else
+        o = o + 1
       end
-      o = o + 1
-    elseif c then
-      break
-    else
-      o = o + 1
+    end
+    if s <= 0 then
+      redis.call('DEL', key)
+      return {key = key, bucket = bucket, k = k, f = f, c = 0, s = 0, o = k, fresh = true, dirty = false}
     end
   end
-  if s <= 0 then
-    redis.call('DEL', key)
-    return {key = key, bucket = bucket, k = k, s = 0, o = k, fresh = true}
-  end
-  if s ~= s0 or o ~= o0 then
-    redis.call('HSET', key, 's', s, 'o', string.format('%d', o))
-  end
-  return {key = key, bucket = bucket, k = k, s = s, o = o, fresh = false}
+  local c = tonumber(v[3]) or 0
+  return {key = key, bucket = bucket, k = k, f = f, c = c, s = s, o = o, fresh = false, dirty = dirty}
 end
 
 -- When enough of the window has expired for `need` more requests to fit.
@@ -82,17 +85,20 @@ local function window_retry(w, need)
   return math.ceil((j + N + 1) * w.bucket - now)
 end
 
--- The key must outlive its newest bucket's stay in the window: an expiry set at the first
--- request of each bucket (now + window + 2 buckets) covers every later request of that bucket.
+-- Count the request: the current bucket, the sum and the oldest bucket in one write. The key
+-- must outlive its newest bucket's stay in the window: an expiry set at the first request of
+-- each bucket (now + window + 2 buckets) covers every later request of that bucket.
 local function window_commit(w, window_ms)
-  local f = string.format('%d', w.k)
-  local first = redis.call('HINCRBY', w.key, f, 1) == 1
-  redis.call('HINCRBY', w.key, 's', 1)
-  if w.fresh then
-    redis.call('HSET', w.key, 'o', f)
-  end
-  if first then
+  redis.call('HSET', w.key, w.f, w.c + 1, 's', w.s + 1, 'o', string.format('%d', w.o))
+  if w.c == 0 then
     redis.call('PEXPIRE', w.key, math.ceil(window_ms + 2 * w.bucket))
+  end
+end
+
+-- A refused request counts nothing, but expired buckets it dropped must leave the sum.
+local function window_keep(w)
+  if w.dirty then
+    redis.call('HSET', w.key, 's', w.s, 'o', string.format('%d', w.o))
   end
 end
 
@@ -191,6 +197,12 @@ local max_conc = limits[6]
 if max_conc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
   if redis.call('ZCARD', KEYS[6]) >= max_conc then reject(6, 1000) end
+end
+
+if not allowed then
+  for i = 1, 3 do
+    if windows[i] then window_keep(windows[i]) end
+  end
 end
 
 if allowed then

@@ -206,3 +206,15 @@ def test_every_key_expires_but_never_before_its_counts_leave_the_window(script: 
     # The quota outlives the month (it ends at the 1st of April, UTC).
     april = int(datetime(2026, 4, 1, tzinfo=UTC).timestamp() * 1000)
     assert ttl[keys[4]] >= april - later
+
+
+def test_a_refused_request_still_forgets_the_buckets_that_left_the_window(script: Script) -> None:
+    assert script.admitted(2, T0, minute=10, quota=10) == 2
+    assert script.admitted(8, T0 + 30_000, minute=10, quota=10) == 8
+    # A minute later the first two have left the minute window; the quota refuses this one.
+    refused = script.decide(T0 + 61_000, minute=10, quota=10)
+    assert (refused.allowed, refused.kind) == (False, Kind.QUOTA)
+    assert refused.remaining[MINUTE] == 2
+    # The window forgot them for good: eight counted, so two more fit, then no more.
+    assert script.decide(T0 + 61_000, minute=10).remaining[MINUTE] == 1
+    assert script.admitted(3, T0 + 61_000, minute=10) == 1
