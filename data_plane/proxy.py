@@ -88,15 +88,14 @@ class Proxy:
         if request.body_exists and expects_continue(request.version, request.headers):
             # Admitted: now ask the client for the body (the upstream never sees Expect).
             await request.writer.write(CONTINUE)
-        counter = BodyCounter(route.route.max_body_bytes)
-        body = RequestBody(request.content, counter) if request.body_exists else None
+        body = RequestBody(request.content, BodyCounter(route.route.max_body_bytes)) if request.body_exists else None
         sent = time.perf_counter()
         try:
             exchange = await self._dispatcher.open(pool, request.method, raw_path, target.raw_query, headers, body, key)
         except UpstreamError:
-            if counter.exceeded:
+            if body is not None and body.counter.exceeded:
                 raise PayloadTooLarge(
-                    f"the request body is larger than this route's limit of {counter.limit} bytes"
+                    f"the request body is larger than this route's limit of {body.counter.limit} bytes"
                 ) from None
             raise
         up = exchange.response
@@ -109,10 +108,9 @@ class Proxy:
             # A body already here goes out with the head in one write; one still to come must
             # not hold the head back (a stream's client sees the status as soon as it is known).
             response_class = _HeadWithBody if exchange.body_ready else web.StreamResponse
-            headers_out = _response_headers(up.headers)
-            headers_out["X-Request-ID"] = rid
-            for name, value in extra_headers:
-                headers_out[name] = value
+            headers_out = _response_headers(up.headers, extra_headers)
+            headers_out.append(("X-Request-ID", rid))
+            headers_out.extend(extra_headers)
             response = response_class(status=up.status, reason=up.reason, headers=headers_out)
             whole = exchange.complete_body()
             await response.prepare(request)
@@ -202,20 +200,42 @@ def _request_verdict(name: str) -> str:
     return verdict
 
 
-def _response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The upstream's response headers without hop-by-hop ones and those its ``Connection`` names."""
+def _response_headers(upstream: CIMultiDictProxy[str], replaced: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+    """The upstream's response headers without hop-by-hop ones, those its ``Connection``
+    names, its ``X-Request-ID`` and any of the names in ``replaced``: the gateway sets those
+    itself after these (one list, made into the response's multidict once)."""
     connection_tokens = _connection_tokens(upstream.getall("Connection", ()))
+    replaced_names = _replaced_names(replaced) if replaced else None
     pairs: list[tuple[str, str]] = []
     for name, value in upstream.items():
         drop = _RESPONSE_DROPS.get(name)
         if drop is None:
-            drop = name.lower() in _DROP_RESPONSE
+            lowered = name.lower()
+            drop = lowered in _DROP_RESPONSE or lowered == "x-request-id"
             if len(_RESPONSE_DROPS) < _VERDICTS_MAX:
                 _RESPONSE_DROPS[name] = drop
-        if drop or (connection_tokens and name.lower() in connection_tokens):
+        if drop:
             continue
+        if connection_tokens or replaced_names:
+            lowered = name.lower()
+            if (connection_tokens and lowered in connection_tokens) or (replaced_names and lowered in replaced_names):
+                continue
         pairs.append((name, value))
-    return CIMultiDict(pairs)
+    return pairs
+
+
+_REPLACED_NAMES: dict[tuple[str, ...], frozenset[str]] = {}
+
+
+def _replaced_names(replaced: tuple[tuple[str, str], ...]) -> frozenset[str]:
+    """The lowered names of ``replaced`` (the same few sets every time: remembered, bounded)."""
+    names = tuple([name for name, _ in replaced])
+    lowered = _REPLACED_NAMES.get(names)
+    if lowered is None:
+        lowered = frozenset(name.lower() for name in names)
+        if len(_REPLACED_NAMES) < _VERDICTS_MAX:
+            _REPLACED_NAMES[names] = lowered
+    return lowered
 
 
 class _HeadWithBody(web.StreamResponse):

@@ -55,15 +55,68 @@ class RequestHeadInvalid(ValueError):
     """A header name or value holds a line break: it would split the request head."""
 
 
+class Protocol(ResponseHandler):
+    """aiohttp's response protocol with a lazy read timer.
+
+    aiohttp cancels and re-arms a timer on every read and at the end of every body: two
+    timer allocations per small exchange. Here a read only moves a deadline; one timer
+    checks it when it fires and re-arms itself for what is left, and a dropped timeout
+    leaves the timer to find nothing to do. So a busy keep-alive connection arms a timer
+    about once per timeout period, and the timeout still fires no earlier than the read
+    timeout after the last read (or the request's end), exactly as aiohttp's."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._deadline = 0.0  # loop time by which the next read must come; 0: none awaited
+        self._check: asyncio.TimerHandle | None = None
+        self._check_at = 0.0  # when the pending check fires
+
+    def _reschedule_timeout(self) -> None:
+        timeout = self._read_timeout
+        if not timeout:
+            self._deadline = 0.0
+            return
+        self._deadline = deadline = self._loop.time() + timeout
+        check = self._check
+        if check is None or self._check_at > deadline:  # none, or too late for a shorter timeout
+            if check is not None:
+                check.cancel()
+            self._check_at = deadline
+            self._check = self._loop.call_at(deadline, self._check_deadline)
+
+    def _drop_timeout(self) -> None:
+        self._deadline = 0.0
+
+    def _check_deadline(self) -> None:
+        self._check = None
+        deadline = self._deadline
+        if not deadline:
+            return
+        if self._loop.time() >= deadline:
+            self._deadline = 0.0
+            self._on_read_timeout()
+        else:
+            self._check_at = deadline
+            self._check = self._loop.call_at(deadline, self._check_deadline)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._deadline = 0.0
+        if self._check is not None:
+            self._check.cancel()  # a closed connection is not kept alive by its timer
+            self._check = None
+
+
 class Connection:
     """One keep-alive connection and the pool slot it holds."""
 
-    __slots__ = ("idle_since", "key", "protocol")
+    __slots__ = ("head", "idle_since", "key", "protocol")
 
-    def __init__(self, key: Key, protocol: ResponseHandler) -> None:
+    def __init__(self, key: Key, protocol: Protocol) -> None:
         self.key = key
         self.protocol = protocol
         self.idle_since = 0.0
+        self.head: bool | None = None  # whether the parser in place reads answers to HEAD; None: no parser yet
 
 
 class Response:
@@ -155,6 +208,7 @@ class Pool:
         from connecting, and :class:`RequestHeadInvalid`."""
         head, chunked = _request_head(method, host_header, target, headers, body is not None)
         retry_stale = body is None and method in IDEMPOTENT
+        is_head = method == "HEAD"
         loop = asyncio.get_running_loop()
         while True:
             conn, reused = await self._acquire(loop, key, connect_s)
@@ -165,15 +219,21 @@ class Pool:
                 if reused:
                     continue
                 raise ServerDisconnectedError()
-            protocol.set_response_params(
-                skip_payload=method == "HEAD",
-                read_until_eof=True,  # a body with neither length nor chunking ends when the upstream closes
-                read_timeout=read_s,
-                auto_decompress=False,
-                max_line_size=MAX_LINE_BYTES,
-                max_field_size=MAX_FIELD_BYTES,
-                max_headers=MAX_HEADERS,
-            )
+            if conn.head is is_head:
+                # A connection given back is between messages, its parser ready for the next
+                # answer (as a server's parser is for the next request): only the timeout changes.
+                protocol.read_timeout = read_s
+            else:
+                protocol.set_response_params(
+                    skip_payload=is_head,
+                    read_until_eof=True,  # a body with neither length nor chunking ends when the upstream closes
+                    read_timeout=read_s,
+                    auto_decompress=False,
+                    max_line_size=MAX_LINE_BYTES,
+                    max_field_size=MAX_FIELD_BYTES,
+                    max_headers=MAX_HEADERS,
+                )
+                conn.head = is_head
             transport.write(head)
             writer: asyncio.Task[None] | None = None
             if body is None:
@@ -248,7 +308,7 @@ class Pool:
                 self._ssl = ssl.create_default_context()
             context = self._ssl
         _, protocol = await loop.create_connection(
-            lambda: ResponseHandler(loop), host, port, ssl=context, server_hostname=host if context else None
+            lambda: Protocol(loop), host, port, ssl=context, server_hostname=host if context else None
         )
         return Connection(key, protocol)
 
@@ -361,7 +421,7 @@ def _request_head(
     return text.encode("utf-8", "surrogateescape"), chunked
 
 
-async def _write_body(protocol: ResponseHandler, body: AsyncIterator[bytes], chunked: bool) -> None:
+async def _write_body(protocol: Protocol, body: AsyncIterator[bytes], chunked: bool) -> None:
     """Stream ``body`` after the head; a failure (the client's body broke off or was too large,
     the connection dropped) fails the exchange waiting on ``protocol``."""
     try:

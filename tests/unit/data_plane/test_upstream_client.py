@@ -462,3 +462,35 @@ async def test_idle_connections_are_closed_after_the_keepalive_time() -> None:
         assert pool.open_connections == 1
         await asyncio.wait_for(closed.wait(), 5.0)
         assert pool.open_connections == 0
+
+
+async def test_get_head_get_on_one_connection_each_read_as_its_method_says(client: UpstreamClient) -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            head = await _head(r)
+            length = b"Content-Length: 2\r\n\r\n"
+            w.write(b"HTTP/1.1 200 OK\r\n" + length + (b"" if head.startswith(b"HEAD") else b"ok"))
+            await w.drain()
+
+    async with Upstream(script) as upstream:
+        assert await _exchange(client, upstream) == (200, b"ok")
+        assert await _exchange(client, upstream, "HEAD") == (200, b"")
+        assert await _exchange(client, upstream) == (200, b"ok")
+        assert await _exchange(client, upstream, "HEAD") == (200, b"")
+        assert upstream.connections == 1
+
+
+async def test_a_shorter_read_timeout_on_a_reused_connection_is_kept(client: UpstreamClient) -> None:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await _head(r)
+        w.write(OK)
+        await w.drain()
+        await _head(r)
+        await r.read()  # the second request is never answered
+
+    async with Upstream(script) as upstream:
+        assert await _exchange(client, upstream, timeout_s=60.0) == (200, b"ok")
+        with pytest.raises(UpstreamTimeout):
+            # The first request armed a timer for 60 s; this one's 0.2 s must not wait for it.
+            await asyncio.wait_for(_exchange(client, upstream, timeout_s=0.2), 30.0)
+        assert upstream.connections == 1
