@@ -18,6 +18,7 @@ import logging
 import random
 import sys
 import time
+import types
 from dataclasses import dataclass
 from typing import Final
 
@@ -71,6 +72,13 @@ JOURNAL_COMPACT_FLOOR_BYTES: Final = 64 * 1024 * 1024
 FREEZE_AFTER_OBJECTS: Final = 1000
 # The interpreter's thread switch interval while an update compiles (see ConfigClient._apply).
 APPLY_SWITCH_INTERVAL_S: Final = 0.001
+# A snapshot replaced whole is freed a piece at a time (see _release): at most this long at
+# once on the event loop, once nothing else refers to it (checked this often).
+RELEASE_SLICE_S: Final = 0.001
+RELEASE_POLL_S: Final = 0.05
+# A container of more references than this is taken apart: its items are freed one by one.
+_WIDE: Final = 16
+_SKIP: Final = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
 
 CONFIG_VERSION: Final = Gauge(
     "tenantgate_dp_config_version",
@@ -106,6 +114,8 @@ class _Applied:
     compiled: Compiled
     full: bytes | None  # the encoded snapshot, when the update was a whole one
     delta: cluster_pb2.SnapshotDelta | None
+    # When the update replaces the snapshot whole: the old one's pieces (see _pieces).
+    retired: list[object] | None = None
 
 
 def _prepare(raw: bytes, current: Compiled | None) -> _Applied:
@@ -113,7 +123,8 @@ def _prepare(raw: bytes, current: Compiled | None) -> _Applied:
     cyclic garbage collector off around it (see :meth:`ConfigClient._apply`)."""
     whole = whole_snapshot_bytes(raw)
     if whole is not None:
-        return _Applied(compile_objects(decode_full_bytes(whole)), whole, None)
+        compiled = compile_objects(decode_full_bytes(whole))
+        return _Applied(compiled, whole, None, None if current is None else _pieces(current))
     update = cluster_pb2.ConfigUpdate.FromString(raw)
     if update.HasField("delta"):
         if current is None:
@@ -122,7 +133,9 @@ def _prepare(raw: bytes, current: Compiled | None) -> _Applied:
         return _Applied(compile_objects(objects, current, changes), None, update.delta)
     if not update.HasField("snapshot"):
         raise InvalidSnapshot("the update holds neither a snapshot nor a delta")
-    return _Applied(compile_objects(decode_full(update.snapshot)), update.snapshot.SerializeToString(), None)
+    compiled = compile_objects(decode_full(update.snapshot))
+    retired = None if current is None else _pieces(current)
+    return _Applied(compiled, update.snapshot.SerializeToString(), None, retired)
 
 
 class ConfigClient:
@@ -140,6 +153,7 @@ class ConfigClient:
         # retries alternate between them (a refused token can surface as INTERNAL in a race).
         self._said: set[str] = set()
         self._saving: asyncio.Future[None] | None = None
+        self._releasing: set[asyncio.Future[None]] = set()
         CP_CONNECTED.set(0)
 
     def restore_from_disk(self) -> bool:
@@ -301,6 +315,12 @@ class ConfigClient:
         CONFIG_VERSION.set(compiled.version)
         self._persist(applied)
         large = applied.full is not None or (applied.delta is not None and _size(applied.delta) > FREEZE_AFTER_OBJECTS)
+        if applied.retired is not None and previous is not None:
+            # Nothing of the old snapshot lives on in this one: freed at once, a large config
+            # would hold the loop for tens of milliseconds.
+            releasing = asyncio.ensure_future(_release(previous, applied.retired))
+            self._releasing.add(releasing)
+            releasing.add_done_callback(self._releasing.discard)
         del previous, applied
         if large:
             gc.freeze()
@@ -339,6 +359,42 @@ class ConfigClient:
                 log.warning("cannot save the snapshot to disk", extra={"error": str(exc)})
 
         self._saving = asyncio.ensure_future(save())
+
+
+def _pieces(root: object) -> list[object]:
+    """What ``root`` is made of, held so that dropping ``root`` frees only its frame: the items
+    of every wide container (shards, routes, trie nodes, pools) reachable through narrow
+    objects. Each item then costs little to free on its own."""
+    held: list[object] = []
+    todo = [root]
+    seen: set[int] = set()
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        refs = [r for r in gc.get_referents(obj) if not isinstance(r, _SKIP)]
+        if len(refs) > _WIDE:
+            held.extend(refs)
+        else:
+            todo.extend(refs)
+    return held
+
+
+async def _release(old: Compiled, pieces: list[object]) -> None:
+    """Free ``old``, a snapshot nothing newer shares, at most :data:`RELEASE_SLICE_S` at a time,
+    ``pieces`` (:func:`_pieces`) last.
+
+    Requests in flight may still use it (and the rate limiter keeps the last one it saw until
+    the next request): the pieces are let go only once this is the last reference."""
+    while sys.getrefcount(old) > 2:  # noqa: ASYNC110 - no event says when the last reference goes
+        await asyncio.sleep(RELEASE_POLL_S)
+    del old
+    while pieces:
+        started = time.perf_counter()
+        while pieces and time.perf_counter() - started < RELEASE_SLICE_S:
+            pieces.pop()
+        await asyncio.sleep(0)
 
 
 async def _send(call: aio.StreamStreamCall, msg: cluster_pb2.WatchRequest) -> None:
