@@ -208,3 +208,61 @@ def test_limits_are_exact_on_a_redis_cluster(cluster_gateway: tuple[Any, ...]) -
     # The tenants' counters landed on more than one node of the cluster.
     holding = [port for port in redis.ports if int(_cli(port, "DBSIZE").strip()) > 0]
     assert len(holding) >= 2
+
+
+def _slot_owner(ports: list[int], slot: int) -> int:
+    """The port of the node serving ``slot``, as the first node sees it (CLUSTER NODES)."""
+    for line in _cli(ports[0], "CLUSTER", "NODES").splitlines():
+        fields = line.split()
+        for served in fields[8:]:
+            if served.startswith("["):
+                continue  # a slot being imported or migrated
+            first, _, last = served.partition("-")
+            if int(first) <= slot <= int(last or first):
+                return int(fields[1].split("@")[0].rsplit(":", 1)[1])
+    raise AssertionError(f"no node serves slot {slot}")
+
+
+def _migrate(ports: list[int], slot: int, source: int, target: int) -> None:
+    """Move one slot with its keys from ``source`` to ``target`` (what a resharding does)."""
+    source_id = _cli(source, "CLUSTER", "MYID").strip()
+    target_id = _cli(target, "CLUSTER", "MYID").strip()
+    assert _cli(target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id).strip() == "OK"
+    assert _cli(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id).strip() == "OK"
+    keys = _cli(source, "CLUSTER", "GETKEYSINSLOT", str(slot), "1000").split()
+    assert keys
+    moved = _cli(source, "MIGRATE", "127.0.0.1", str(target), "", "0", "5000", "KEYS", *keys).strip()
+    assert moved == "OK", moved
+    for port in ports:
+        assert _cli(port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id).strip() == "OK"
+
+
+def test_limits_stay_exact_when_a_tenants_slot_moves(cluster_gateway: tuple[Any, ...]) -> None:
+    from redis.crc import key_slot
+
+    cp, dps, upstream, redis = cluster_gateway
+    route = cp.api("POST", "/admin/routes", {"path": "/moved/*", "upstream": upstream})
+    assert route.status == 201
+    tenant = cp.api("POST", "/admin/tenants", {"name": "Mover", "rate_limit_per_minute": 20, "max_concurrency": 0})
+    assert tenant.status == 201
+    key, version = tenant.json()["api_key"], tenant.json()["config_version"]
+    for dp in dps:
+        wait_for(lambda dp=dp: dp.status()["config_version"] >= version, what="config on every node")
+
+    def get(n: int) -> int:
+        dp: DataPlane = dps[n % len(dps)]
+        return http("GET", dp.proxy_url + "/moved/x", headers={"X-API-Key": key}, timeout=30).status
+
+    assert [get(n) for n in range(10)] == [200] * 10  # both nodes now know where the slot is
+    slot = key_slot(f"{{t:{tenant.json()['id']}}}".encode())
+    source = _slot_owner(redis.ports, slot)
+    target = next(port for port in redis.ports if port != source)
+    _migrate(redis.ports, slot, source, target)
+    assert _slot_owner(redis.ports, slot) == target
+
+    # Each node is sent MOVED on its next decision, follows it, and finds the counts moved too.
+    statuses = Counter(get(n) for n in range(20))
+    assert statuses == {200: 10, 429: 10}, statuses
+    # Decided in Redis, on the slot's new node (not by a fallback): all twenty counted there.
+    assert _cli(target, "HGET", f"{{t:{tenant.json()['id']}}}:m", "s").strip() == "20"
+    assert all(dp.status()["ratelimit_mode"] == "redis" for dp in dps)
