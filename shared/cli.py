@@ -8,6 +8,8 @@ runs is exactly what ``up`` runs. This module imports neither plane.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import ipaddress
 import os
 import sys
 
@@ -60,10 +62,37 @@ def _up(argv: list[str]) -> int:
     tg_settings.add_arguments(parser)
     args = parser.parse_args(argv)
     with tg_settings.exit_on_bad_settings():
-        settings = tg_settings.load(args)
+        settings = _local_cluster_tls(tg_settings.load(args))
     from shared import supervisor
 
     return supervisor.run(settings, demo=args.demo)
+
+
+def _local_cluster_tls(settings: tg_settings.Settings) -> tg_settings.Settings:
+    """``up`` runs its data plane beside its control plane and connects it to 127.0.0.1. With
+    TLS on the cluster port, that data plane trusts the control plane's own certificate
+    unless CLUSTER_TLS_CA names another CA, so the certificate must name 127.0.0.1: refused
+    here in one line rather than by a data plane that never becomes ready."""
+    cert = settings.cluster_tls_cert
+    if cert is None:
+        return settings
+    from cryptography import x509
+
+    certificate = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        addresses = names.get_values_for_type(x509.IPAddress)
+    except x509.ExtensionNotFound:
+        addresses = []
+    if ipaddress.ip_address("127.0.0.1") not in addresses:
+        raise tg_settings.SettingsError(
+            "CLUSTER_TLS_CERT",
+            "must name 127.0.0.1 (an IP address in subjectAltName) for `tenantgate up`, whose data plane"
+            " connects to the control plane there",
+        )
+    if settings.cluster_tls_ca is None:
+        settings = dataclasses.replace(settings, cluster_tls_ca=cert)
+    return settings
 
 
 def _declarative(command: str, argv: list[str]) -> int:

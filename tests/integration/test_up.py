@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import queue
 import re
@@ -15,6 +17,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from tests.integration.harness import free_port, http
 
@@ -35,7 +41,7 @@ def _port_free(port: int) -> bool:
 
 
 def _start_up(
-    tmp_path: Path, ports: dict[str, int]
+    tmp_path: Path, ports: dict[str, int], *extra: str
 ) -> tuple[subprocess.Popen[str], queue.Queue[str], threading.Thread]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTGATE_")}
     args = [
@@ -56,6 +62,7 @@ def _start_up(
         f"127.0.0.1:{ports['admin']}",
         "--cluster-listen",
         f"127.0.0.1:{ports['cluster']}",
+        *extra,
     ]
     proc = subprocess.Popen(
         args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL
@@ -114,3 +121,65 @@ def test_up_demo_serves_the_demo_route_and_stops_cleanly(tmp_path: Path) -> None
     assert leftovers == []
     data_dir = str(tmp_path / "data")
     assert not [p for p in psutil.process_iter(["cmdline"]) if data_dir in " ".join(p.info["cmdline"] or [])]
+
+
+def _certificate(directory: Path, *names: x509.GeneralName) -> tuple[Path, Path]:
+    """A self-signed certificate for ``names`` and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tenantgate control plane")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(list(names)), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cluster.crt", directory / "cluster.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def test_up_with_tls_on_the_cluster_port_serves_its_data_plane_over_it(tmp_path: Path) -> None:
+    # Only the certificate and key: the local data plane trusts that certificate itself.
+    cert, key = _certificate(tmp_path, x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    ports = {name: free_port() for name in ("proxy", "status", "admin", "cluster")}
+    proc, lines, pump = _start_up(tmp_path, ports, "--cluster-tls-cert", str(cert), "--cluster-tls-key", str(key))
+    seen: list[str] = []
+    try:
+        _read_until(lines, "Press Ctrl-C to stop.", seen)
+        output = "".join(seen)
+        demo_key = re.search(r"demo API key (\S+)", output)
+        assert demo_key is not None, output
+        served = http("GET", f"http://127.0.0.1:{ports['proxy']}/demo/hello", headers={"X-API-Key": demo_key.group(1)})
+        assert served.status == 200
+        # A control plane with a certificate serves its cluster port over TLS only.
+        assert http("GET", f"http://127.0.0.1:{ports['status']}/status").json()["cp_connected"] is True
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+        pump.join(timeout=10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert code == 0, "".join(seen)
+
+
+def test_up_refuses_a_cluster_certificate_its_data_plane_could_not_verify(tmp_path: Path) -> None:
+    cert, key = _certificate(tmp_path, x509.DNSName("cp.example.com"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTGATE_")}
+    args = ["up", "--data-dir", str(tmp_path / "data"), "--cluster-tls-cert", str(cert), "--cluster-tls-key", str(key)]
+    done = subprocess.run(
+        [sys.executable, "-m", "shared.cli", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "TENANTGATE_CLUSTER_TLS_CERT" in lines[0] and "127.0.0.1" in lines[0]
+    assert not (tmp_path / "data").exists()  # refused before anything started
