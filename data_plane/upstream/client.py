@@ -113,6 +113,7 @@ class UpstreamClient:
             connector=aiohttp.TCPConnector(limit=POOL_LIMIT_PER_HOST, ttl_dns_cache=DNS_CACHE_TTL_S),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("Accept", "Accept-Encoding"),
         )
 
     async def close(self) -> None:
