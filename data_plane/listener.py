@@ -7,10 +7,19 @@ the offending bytes and logs a traceback per request. Here that answer is the ga
 ``{"error": …}`` body with ``Connection: close``, and the refusal is one log line: a hostile
 client cannot fill the log with tracebacks. An unexpected exception in the pipeline gets the
 same treatment with status 500 and no detail for the client.
+
+An answer given before the request's body had arrived whole (a 413 on ``Content-Length``, a
+401 or 429 on an upload) ends the connection in stages, as RFC 9112 §9.6 asks: ``Connection:
+close`` on the answer, the write side shut after it, and what the client still sends read and
+dropped until it closes or :data:`LINGERING_TIME_S` passes. aiohttp's own lingering fed those
+bytes through its parser, a payload stream with flow control and a task per read, about 1 ms
+of the event loop per MiB: a client posting oversized bodies cost every other client on the
+node. Here they are read into one scratch buffer by the transport and nothing else sees them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Final
 
@@ -28,8 +37,37 @@ MAX_HEADER_FIELD_BYTES: Final = 16 * 1024
 MAX_HEADERS: Final = 100
 # Idle keep-alive connections are closed after this long (nginx's default).
 KEEPALIVE_TIMEOUT_S: Final = 75.0
-# After an error answer, unread request body is drained this long so the client sees it.
+# After an answer given before the request's body had arrived whole, what the client still
+# sends is read and dropped for at most this long (a client that sends its whole body before
+# reading its answer then sees it); then the connection is closed.
 LINGERING_TIME_S: Final = 5.0
+# What lingering connections read into: one buffer for all of them, never looked at.
+_SCRATCH: Final = memoryview(bytearray(256 * 1024))
+
+
+class _Linger(asyncio.BufferedProtocol):
+    """A connection's protocol after its last answer, while the client may still be sending:
+    whatever arrives lands in :data:`_SCRATCH` and is dropped; the client's EOF or
+    :data:`LINGERING_TIME_S` closes the connection, and the handler hears of its end."""
+
+    __slots__ = ("_handler", "_timer")
+
+    def __init__(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+        self._handler = handler
+        self._timer = asyncio.get_running_loop().call_later(LINGERING_TIME_S, transport.close)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _SCRATCH
+
+    def buffer_updated(self, nbytes: int) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._timer.cancel()
+        self._handler.connection_lost(exc)
 
 
 class _Handler(web.RequestHandler):
@@ -58,6 +96,24 @@ class _Handler(web.RequestHandler):
         response.force_close()
         return response
 
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        unread = not request.content.is_eof()
+        if unread and not resp.prepared:
+            resp.force_close()  # "Connection: close": the rest of this body is never parsed
+        resp, reset = await super().finish_response(request, resp, start_time)
+        transport = self.transport
+        if unread and not reset and transport is not None and not transport.is_closing():
+            # The connection passes to _Linger: aiohttp's loop for it ends without closing it
+            # (its _force_close), and _Linger tells this handler when it is gone.
+            self._force_close = True
+            transport.set_protocol(_Linger(self, transport))
+            transport.write_eof()  # after the answer still buffered, if any
+            if not transport.is_reading():
+                transport.resume_reading()  # paused by the body's flow control
+        return resp, reset
+
 
 class _Server(web.Server):
     def __call__(self) -> web.RequestHandler:
@@ -83,5 +139,5 @@ def proxy_server(handler: Any) -> web.Server:
         max_field_size=MAX_HEADER_FIELD_BYTES,
         max_headers=MAX_HEADERS,
         keepalive_timeout=KEEPALIVE_TIMEOUT_S,
-        lingering_time=LINGERING_TIME_S,
+        lingering_time=0,  # the handler lingers itself (_Linger), without parsing what it drops
     )
