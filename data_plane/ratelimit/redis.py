@@ -472,7 +472,8 @@ class RedisBackend:
         if reload:
             self._send(flight, address, reload, prefix=SCRIPT_LOAD, retried=True)
         for (to, asking), items in moved.items():
-            self._send(flight, to, items, stride=2 if asking else 1, retried=True)
+            # The node may never have run the script: load it first, in the same round trip.
+            self._send(flight, to, items, prefix=SCRIPT_LOAD, stride=2 if asking else 1, retried=True)
 
     # --- cluster ---
 
