@@ -457,18 +457,24 @@ class RedisBackend:
         loaded (load it first, on the same connection) or a slot that moved (to its node)."""
         reload: list[_Item] = []
         moved: dict[tuple[Address, bool], list[_Item]] = {}
+        slots_moved = False
         for item, reply in refused:
             kind, _, where = str(reply).partition(" ")
             if kind == "NOSCRIPT":
                 reload.append(item)
                 continue
-            slot, _, target = where.partition(" ")
+            slot, _, target = where.partition(" ")  # "MOVED 3999 127.0.0.1:6381"
             host, _, port = target.rpartition(":")
+            if not (slot.isdigit() and port.isdigit()):
+                _fail([item], reply)
+                continue
             to = (host or address[0], int(port))
             if kind == "MOVED" and self._slots is not None:
-                self._slots[int(slot)] = to
-                self._spawn(self._reread_slots())
+                self._slots[int(slot) % CLUSTER_SLOTS] = to
+                slots_moved = True
             moved.setdefault((to, kind == "ASK"), []).append(item)
+        if slots_moved:
+            self._spawn(self._reread_slots())  # one slot moved seldom moves alone
         if reload:
             self._send(flight, address, reload, prefix=SCRIPT_LOAD, retried=True)
         for (to, asking), items in moved.items():
