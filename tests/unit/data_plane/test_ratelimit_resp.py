@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from data_plane.ratelimit import limiter as rl
-from data_plane.ratelimit.base import LimiterUnavailable
-from data_plane.ratelimit.redis import LEASE_TTL_MS, SCRIPT_SHA, RedisBackend
+from data_plane.ratelimit.base import MINUTE, LimiterUnavailable
+from data_plane.ratelimit.redis import LEASE_TTL_MS, SCRIPT, SCRIPT_SHA, RedisBackend
 from data_plane.ratelimit.resp import Endpoint, Link, LinkClosed, ReplyError, bulk, connect
 from data_plane.router import Router
 from shared import settings as tg_settings
@@ -221,3 +221,57 @@ def test_decisions_on_uvloop(redis_url: str) -> None:
         return [admission is not None for admission in admitted]
 
     assert uvloop.run(decide()) == [True, True, True, False]
+
+
+async def test_a_batch_given_up_on_leaves_the_connection_in_step(redis_url: str) -> None:
+    # The limiter's connection (the first one made) gets its first decision's answer 0.7 s
+    # late — past the 0.5 s a late batch may wait while a probe (its own connection, prompt)
+    # finds Redis reachable. The next decision on the same connection must get its own answer.
+    host, port, db = _host_port_db(redis_url)
+    connections = 0
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, late_chunk: int) -> None:
+        chunk = 0
+        try:
+            while data := await reader.read(65536):
+                if chunk == late_chunk:
+                    await asyncio.sleep(0.7)
+                chunk += 1
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def serve(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        redis_r, redis_w = await asyncio.open_connection(host, port)
+        # Chunk 0 answers the SELECT; chunk 1, the first decision.
+        await asyncio.gather(pump(client_r, redis_w, -1), pump(redis_r, client_w, 1 if connections == 1 else -1))
+
+    proxy = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"redis://127.0.0.1:{proxy.sockets[0].getsockname()[1]}/{db}"
+    settings = tg_settings.load(
+        environ={"TENANTGATE_REDIS_URL": url, "TENANTGATE_NODE_ID": "unit-1", "TENANTGATE_RATELIMIT_TIMEOUT_MS": "20"}
+    )
+    backend = RedisBackend(settings)
+    limiter = rl.RateLimiter(settings, backend)
+    tenant = Tenant(uuid.uuid4().hex, "t", "free", 2, 0, 0, 0, True)
+    limits = limiter.limits_for(object(), _route(), tenant)
+    assert limits is not None
+    redis.Redis(host=host, port=port, db=db).script_load(SCRIPT)
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(LimiterUnavailable, match="TimeoutError"):
+                await backend.decide(limits, "")
+            assert backend.ok  # late, not gone: the circuit stays closed
+            second = await backend.decide(limits, "")
+    finally:
+        await backend.close()
+        proxy.close()
+        await proxy.wait_closed()
+    # The first decision counted in Redis although nobody waited for it; this answer is the
+    # second's own (a connection out of step would hand it the first's: one remaining).
+    assert second.allowed and second.remaining[MINUTE] == 0
