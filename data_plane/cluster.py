@@ -20,7 +20,7 @@ import sys
 import time
 import types
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -33,10 +33,13 @@ from data_plane.snapshot import (
     Compiled,
     Holder,
     StaleBase,
+    Steps,
     apply_delta,
     compile_objects,
+    compiling,
     decode_full,
-    decode_full_bytes,
+    decoding,
+    run_steps,
     whole_snapshot_bytes,
 )
 from shared import snapshot as model
@@ -45,6 +48,7 @@ from shared.errors import InvalidSnapshot
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 BACKOFF_INITIAL_S: Final = 0.2
 BACKOFF_MAX_S: Final = 10.0
@@ -72,6 +76,12 @@ JOURNAL_COMPACT_FLOOR_BYTES: Final = 64 * 1024 * 1024
 FREEZE_AFTER_OBJECTS: Final = 1000
 # The interpreter's thread switch interval while an update compiles (see ConfigClient._apply).
 APPLY_SWITCH_INTERVAL_S: Final = 0.001
+# A whole snapshot is compiled on the event loop in slices of about this long (_run_sliced); a
+# delta this small inline (a few hundred objects: well under a millisecond), a larger one in
+# a worker thread.
+APPLY_SLICE_S: Final = 0.001
+APPLY_PAUSE_S: Final = 0.0002
+INLINE_DELTA_BYTES: Final = 16 * 1024
 # A snapshot replaced whole is freed a piece at a time (see _release): at most this long at
 # once on the event loop, once nothing else refers to it (checked this often).
 RELEASE_SLICE_S: Final = 0.001
@@ -112,19 +122,24 @@ class ClusterStatus:
 @dataclass(frozen=True, slots=True)
 class _Applied:
     compiled: Compiled
-    full: bytes | None  # the encoded snapshot, when the update was a whole one
+    full: bytes | memoryview | None  # the encoded snapshot, when the update was a whole one
     delta: cluster_pb2.SnapshotDelta | None
     # When the update replaces the snapshot whole: the old one's pieces (see _pieces).
     retired: list[object] | None = None
 
 
+def _whole(encoded: memoryview, current: Compiled | None) -> Steps[_Applied]:
+    """Parse, validate and compile a whole snapshot, a step at a time (on the event loop, see
+    :func:`_run_sliced`)."""
+    compiled = yield from compiling((yield from decoding(encoded)))
+    retired = None if current is None else (yield from _pieces(current))
+    return _Applied(compiled, encoded, None, retired)
+
+
 def _prepare(raw: bytes, current: Compiled | None) -> _Applied:
-    """Parse, validate and compile one update (in a worker thread). The caller turns the
-    cyclic garbage collector off around it (see :meth:`ConfigClient._apply`)."""
-    whole = whole_snapshot_bytes(raw)
-    if whole is not None:
-        compiled = compile_objects(decode_full_bytes(whole))
-        return _Applied(compiled, whole, None, None if current is None else _pieces(current))
+    """Parse, validate and compile one update that is not a bare whole snapshot (a delta,
+    inline or in a worker thread). The caller turns the cyclic garbage collector off around
+    it (see :meth:`ConfigClient._apply`)."""
     update = cluster_pb2.ConfigUpdate.FromString(raw)
     if update.HasField("delta"):
         if current is None:
@@ -134,7 +149,7 @@ def _prepare(raw: bytes, current: Compiled | None) -> _Applied:
     if not update.HasField("snapshot"):
         raise InvalidSnapshot("the update holds neither a snapshot nor a delta")
     compiled = compile_objects(decode_full(update.snapshot))
-    retired = None if current is None else _pieces(current)
+    retired = None if current is None else run_steps(_pieces(current))
     return _Applied(compiled, update.snapshot.SerializeToString(), None, retired)
 
 
@@ -294,7 +309,13 @@ class ConfigClient:
         previous = self._holder.current
         started = time.perf_counter()
         try:
-            applied = await asyncio.to_thread(_prepare, raw, previous)
+            whole = whole_snapshot_bytes(raw)
+            if whole is not None:
+                applied = await _run_sliced(_whole(whole, previous))
+            elif len(raw) <= INLINE_DELTA_BYTES:
+                applied = _prepare(raw, previous)
+            else:
+                applied = await asyncio.to_thread(_prepare, raw, previous)
         except StaleBase as exc:
             log.info("asking for a full snapshot", extra={"reason": str(exc)})
             have = previous.version if previous is not None else 0
@@ -361,10 +382,27 @@ class ConfigClient:
         self._saving = asyncio.ensure_future(save())
 
 
-def _pieces(root: object) -> list[object]:
+async def _run_sliced(steps: Steps[_T]) -> _T:
+    """Run ``steps`` on the event loop, :data:`APPLY_SLICE_S` at a time, serving requests
+    between slices. (A worker thread would share the interpreter with the loop: on a busy
+    machine, each time the thread is descheduled while holding it the loop waits too.)"""
+    while True:
+        deadline = time.perf_counter() + APPLY_SLICE_S
+        try:
+            while time.perf_counter() < deadline:
+                next(steps)
+        except StopIteration as done:
+            result: _T = done.value
+            return result
+        # Not sleep(0): a request is a chain of callbacks (a read wakes a future, which wakes a
+        # task), one loop iteration each; a pause lets whole chains run between two slices.
+        await asyncio.sleep(APPLY_PAUSE_S)
+
+
+def _pieces(root: object) -> Steps[list[object]]:
     """What ``root`` is made of, held so that dropping ``root`` frees only its frame: the items
     of every wide container (shards, routes, trie nodes, pools) reachable through narrow
-    objects. Each item then costs little to free on its own."""
+    objects. Each item then costs little to free on its own. In steps (one per wide container)."""
     held: list[object] = []
     todo = [root]
     seen: set[int] = set()
@@ -376,6 +414,7 @@ def _pieces(root: object) -> list[object]:
         refs = [r for r in gc.get_referents(obj) if not isinstance(r, _SKIP)]
         if len(refs) > _WIDE:
             held.extend(refs)
+            yield
         else:
             todo.extend(refs)
     return held

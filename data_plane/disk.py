@@ -41,7 +41,7 @@ def save(data_dir: Path, msg: snapshot_pb2.Snapshot) -> None:
     save_bytes(data_dir, msg.SerializeToString())
 
 
-def save_bytes(data_dir: Path, payload: bytes) -> None:
+def save_bytes(data_dir: Path, payload: bytes | memoryview) -> None:
     """Write an encoded ``Snapshot`` as the last good snapshot, replacing any journal."""
     _prepare(data_dir)
     fd, tmp = tempfile.mkstemp(prefix=".snapshot-", dir=data_dir)  # mkstemp creates it 0600

@@ -14,7 +14,7 @@ worker thread, off the event loop: nothing here may touch the loop.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Final, TypeVar
@@ -32,8 +32,14 @@ from shared.shardmap import ShardMap
 
 _V = TypeVar("_V")
 
-# A whole snapshot is parsed in pieces of about this size (see decode_full_bytes).
-PARSE_CHUNK_BYTES: Final = 256 * 1024
+# A whole snapshot is parsed in pieces of about this size, and indexed and compiled in steps
+# of about this many objects and routes: each step a millisecond or so (see decoding).
+PARSE_CHUNK_BYTES: Final = 8 * 1024
+STEP: Final = 500
+ROUTE_STEP: Final = 20
+KINDS: Final = ("tenants", "api_keys", "routes", "jwt_issuers", "oauth_clients", "signing_keys")
+# Work done a step at a time: ``yield`` between steps, the result returned at the end.
+Steps = Generator[None, None, _V]
 _UPDATE_SNAPSHOT_TAG: Final = bytes([cluster_pb2.ConfigUpdate.DESCRIPTOR.fields_by_name["snapshot"].number << 3 | 2])
 
 
@@ -72,20 +78,35 @@ class Objects:
 
     @classmethod
     def of(cls, snap: model.Snapshot) -> Objects:
+        return run_steps(cls.filling(snap))
+
+    @classmethod
+    def filling(cls, snap: model.Snapshot) -> Steps[Objects]:
+        """:meth:`of` a little at a time (see :func:`run_steps`)."""
         keys_by_tenant: dict[str, list[str]] = {}
-        for k in snap.api_keys:
+        for n, k in enumerate(snap.api_keys, 1):
             keys_by_tenant.setdefault(k.tenant_id, []).append(k.id)
+            if not n % STEP:
+                yield
+        tenants = yield from ShardMap.filling((t.id, t) for t in snap.tenants)
+        api_keys = yield from ShardMap.filling((k.id, k) for k in snap.api_keys)
+        by_tenant = yield from ShardMap.filling((tid, tuple(ids)) for tid, ids in keys_by_tenant.items())
+        for n in range(len(keys_by_tenant), 0, -1):  # freed a few at a time, not in one go
+            keys_by_tenant.popitem()
+            if not n % STEP:
+                yield
+        key_by_hash = yield from ShardMap.filling((k.key_hash, k.id) for k in snap.api_keys)
         return cls(
             version=snap.version,
             built_at_ms=snap.built_at_ms,
-            tenants=ShardMap((t.id, t) for t in snap.tenants),
-            api_keys=ShardMap((k.id, k) for k in snap.api_keys),
+            tenants=tenants,
+            api_keys=api_keys,
             routes={r.id: r for r in snap.routes},
             jwt_issuers={i.id: i for i in snap.jwt_issuers},
             oauth_clients={c.id: c for c in snap.oauth_clients},
             signing_keys={k.kid: k for k in snap.signing_keys},
-            keys_by_tenant=ShardMap((tid, tuple(ids)) for tid, ids in keys_by_tenant.items()),
-            key_by_hash=ShardMap((k.key_hash, k.id) for k in snap.api_keys),
+            keys_by_tenant=by_tenant,
+            key_by_hash=key_by_hash,
         )
 
     def identity(self) -> model.Snapshot:
@@ -120,12 +141,14 @@ def decode_full(msg: snapshot_pb2.Snapshot) -> Objects:
     return Objects.of(model.from_proto(msg))
 
 
-def decode_full_bytes(data: bytes) -> Objects:
-    """Parse and validate an encoded whole snapshot, a piece at a time.
+def decode_full_bytes(data: bytes | memoryview) -> Objects:
+    """Parse and validate an encoded whole snapshot. Raises ``InvalidSnapshot``."""
+    return run_steps(decoding(data))
 
-    Parsing 10 MB in one call would hold the interpreter for tens of milliseconds, and with
-    it the event loop; pieces of :data:`PARSE_CHUNK_BYTES` keep every hold short. Raises
-    ``InvalidSnapshot``."""
+
+def decoding(data: bytes | memoryview) -> Steps[Objects]:
+    """:func:`decode_full_bytes` a little at a time (see :func:`run_steps`): a piece of
+    :data:`PARSE_CHUNK_BYTES` parsed per step, then validation and indexing in steps."""
     parts: list[model.Snapshot] = []
     for chunk in _chunks(data):
         msg = snapshot_pb2.Snapshot()
@@ -134,36 +157,41 @@ def decode_full_bytes(data: bytes) -> Objects:
         except DecodeError as exc:
             raise InvalidSnapshot(f"the snapshot cannot be decoded: {exc}") from None
         parts.append(model.decode(msg))
+        yield
 
-    def every(kind: str) -> tuple[Any, ...]:
-        return tuple(chain.from_iterable(getattr(p, kind) for p in parts))
-
+    every: dict[str, tuple[Any, ...]] = {}
+    for kind in KINDS:
+        every[kind] = tuple(chain.from_iterable(getattr(p, kind) for p in parts))
+        yield
     snap = model.Snapshot(
         version=max((p.version for p in parts), default=0),
         built_at_ms=max((p.built_at_ms for p in parts), default=0),
-        tenants=every("tenants"),
-        api_keys=every("api_keys"),
-        routes=every("routes"),
-        jwt_issuers=every("jwt_issuers"),
-        oauth_clients=every("oauth_clients"),
-        signing_keys=every("signing_keys"),
+        **every,
     )
-    model.validate(snap)
-    return Objects.of(snap)
+    while parts:  # a piece at a time: freeing them is work too
+        del parts[-STEP // 10 :]
+        yield
+    yield from model.validation(snap)
+    objects = yield from Objects.filling(snap)
+    del snap
+    for kind in KINDS:  # the parsed tuples, one at a time
+        del every[kind]
+        yield
+    return objects
 
 
-def whole_snapshot_bytes(update: bytes) -> bytes | None:
+def whole_snapshot_bytes(update: bytes) -> memoryview | None:
     """The encoded snapshot inside an encoded ``ConfigUpdate`` that holds exactly one (and
-    nothing else), without parsing it; None for anything else."""
+    nothing else), without parsing or copying it; None for anything else."""
     if not update.startswith(_UPDATE_SNAPSHOT_TAG):
         return None
     length, pos = _varint(update, len(_UPDATE_SNAPSHOT_TAG))
     if pos + length != len(update):
         return None
-    return update[pos:]
+    return memoryview(update)[pos:]
 
 
-def _chunks(data: bytes) -> Iterator[bytes]:
+def _chunks(data: bytes | memoryview) -> Iterator[bytes | memoryview]:
     """``data``, an encoded message, cut at field boundaries into pieces of about
     :data:`PARSE_CHUNK_BYTES`; each piece is itself an encoding of the same message type
     (fields may come in any order, and the entries of a repeated field concatenate)."""
@@ -192,7 +220,7 @@ def _chunks(data: bytes) -> Iterator[bytes]:
         yield data[start:]
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
+def _varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         if pos >= len(data) or shift > 63:
@@ -363,6 +391,34 @@ def compile_objects(objects: Objects, previous: Compiled | None = None, changes:
         )
     compile_ms = (time.perf_counter() - started) * 1000
     return Compiled(objects.version, router, tenants, upstreams, compile_ms, auth, objects)
+
+
+def compiling(objects: Objects) -> Steps[Compiled]:
+    """:func:`compile_objects` of a whole snapshot a little at a time (see :func:`run_steps`):
+    :data:`ROUTE_STEP` routes into the trie and their pools per step, then the key table."""
+    started = time.perf_counter()
+    routes = list(objects.routes.values())
+    router = Router(())
+    upstreams: dict[str, RoutePool] = {}
+    for i in range(0, len(routes), ROUTE_STEP):
+        batch = routes[i : i + ROUTE_STEP]
+        router = router.with_changes(batch, ())  # appended in order, as Router(routes) would
+        upstreams.update(compile_pools(batch))
+        yield
+    keys = yield from KeyTable.filling(objects.api_keys.values(), objects.tenants)
+    auth = Auth(objects.identity(), objects.tenants, keys)
+    compile_ms = (time.perf_counter() - started) * 1000
+    return Compiled(objects.version, router, objects.tenants, upstreams, compile_ms, auth, objects)
+
+
+def run_steps(steps: Steps[_V]) -> _V:
+    """Run ``steps`` to the end at once and return what they make."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result: _V = done.value
+            return result
 
 
 def _patched_keys(previous: Compiled, objects: Objects, changes: Changes) -> KeyTable:

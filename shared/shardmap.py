@@ -12,7 +12,7 @@ Iteration goes shard by shard: it is not insertion order.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Generator, Hashable, Iterable, Iterator, Mapping
 from itertools import chain
 from typing import Final, TypeVar, overload
 
@@ -37,6 +37,20 @@ class ShardMap(Mapping[K, V]):
             shards[hash(key) & MASK][key] = value
         self.shards = tuple(shards)
         self._len = sum(len(s) for s in shards)
+
+    @classmethod
+    def filling(cls, items: Iterable[tuple[K, V]], step: int = 500) -> Generator[None, None, ShardMap[K, V]]:
+        """Build a map of ``items`` a little at a time: yields every ``step`` items and returns
+        the map (``table = yield from ShardMap.filling(items)``)."""
+        shards: list[dict[K, V]] = [{} for _ in range(SHARDS)]
+        for n, (key, value) in enumerate(items, 1):
+            shards[hash(key) & MASK][key] = value
+            if not n % step:
+                yield
+        new: ShardMap[K, V] = ShardMap.__new__(ShardMap)
+        new.shards = tuple(shards)
+        new._len = sum(len(s) for s in shards)
+        return new
 
     def __getitem__(self, key: K) -> V:
         return self.shards[hash(key) & MASK][key]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import urlsplit
@@ -541,11 +541,26 @@ def _validate_identity(snap: Snapshot, tenant_ids: set[str]) -> None:
             raise InvalidSnapshot(f"signing key {k.kid}: {exc}") from None
 
 
+# validation() yields after this many tenants or keys, or a fiftieth as many routes.
+VALIDATION_STEP: Final = 500
+_SEEN_SHARDS: Final = 256
+
+
 def validate(snap: Snapshot) -> None:
+    """Raise ``InvalidSnapshot`` naming the first object that is not valid."""
+    for _ in validation(snap):
+        pass
+
+
+def validation(snap: Snapshot) -> Iterator[None]:
+    """:func:`validate` in steps: yields every :data:`VALIDATION_STEP` objects or so, so that a
+    caller can validate a large snapshot a little at a time."""
     if snap.version <= 0:
         raise InvalidSnapshot("version must be positive")
     tenant_ids: set[str] = set()
-    for t in snap.tenants:
+    for n, t in enumerate(snap.tenants, 1):
+        if not n % VALIDATION_STEP:
+            yield
         if not t.id or t.id in tenant_ids:
             raise InvalidSnapshot(f"tenant id {t.id!r} is empty or duplicated")
         if t.tier not in TIERS:
@@ -553,20 +568,33 @@ def validate(snap: Snapshot) -> None:
         if min(t.rate_limit_per_minute, t.rate_limit_per_hour, t.monthly_quota, t.max_concurrency) < 0:
             raise InvalidSnapshot(f"tenant {t.id}: limits must not be negative")
         tenant_ids.add(t.id)
-    key_ids: set[str] = set()
-    hashes: set[bytes] = set()
-    for k in snap.api_keys:
-        if not k.id or k.id in key_ids:
+    # Keys can be 100,000s: seen ids and hashes in many small sets, since growing one set that
+    # large copies it whole now and then, milliseconds in one step.
+    key_ids: list[set[str]] = [set() for _ in range(_SEEN_SHARDS)]
+    hashes: list[set[bytes]] = [set() for _ in range(_SEEN_SHARDS)]
+    for n, k in enumerate(snap.api_keys, 1):
+        if not n % VALIDATION_STEP:
+            yield
+        ids = key_ids[hash(k.id) % _SEEN_SHARDS]
+        if not k.id or k.id in ids:
             raise InvalidSnapshot(f"api key id {k.id!r} is empty or duplicated")
         if k.tenant_id not in tenant_ids:
             raise InvalidSnapshot(f"api key {k.id}: unknown tenant {k.tenant_id!r}")
-        if len(k.key_hash) != KEY_HASH_BYTES or k.key_hash in hashes:
+        seen = hashes[hash(k.key_hash) % _SEEN_SHARDS]
+        if len(k.key_hash) != KEY_HASH_BYTES or k.key_hash in seen:
             raise InvalidSnapshot(f"api key {k.id}: hash must be {KEY_HASH_BYTES} unique bytes")
-        key_ids.add(k.id)
-        hashes.add(k.key_hash)
+        ids.add(k.id)
+        seen.add(k.key_hash)
+    for n, (ids, seen) in enumerate(zip(key_ids, hashes, strict=True), 1):  # emptied a few at a time
+        ids.clear()
+        seen.clear()
+        if not n % 32:
+            yield
     _validate_identity(snap, tenant_ids)
     route_ids: set[str] = set()
-    for r in snap.routes:
+    for n, r in enumerate(snap.routes, 1):
+        if not n % (VALIDATION_STEP // 50):
+            yield
         if not r.id or r.id in route_ids:
             raise InvalidSnapshot(f"route id {r.id!r} is empty or duplicated")
         route_ids.add(r.id)

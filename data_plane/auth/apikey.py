@@ -8,7 +8,7 @@ reads the key (:func:`in_query`) and the key is never echoed.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from typing import Final
 from urllib.parse import unquote_plus
 
@@ -38,6 +38,16 @@ class KeyTable:
 
     def __init__(self, keys: Iterable[ApiKey], tenants: Mapping[str, Tenant]) -> None:
         self._set(ShardMap((k.key_hash, Identity(tenants[k.tenant_id], frozenset(), False, k.id)) for k in keys))
+
+    @classmethod
+    def filling(cls, keys: Iterable[ApiKey], tenants: Mapping[str, Tenant]) -> Generator[None, None, KeyTable]:
+        """The table of ``keys`` built a little at a time (``table = yield from KeyTable.filling(...)``)."""
+        by_hash = yield from ShardMap.filling(
+            (k.key_hash, Identity(tenants[k.tenant_id], frozenset(), False, k.id)) for k in keys
+        )
+        table = KeyTable.__new__(KeyTable)
+        table._set(by_hash)
+        return table
 
     def _set(self, by_hash: ShardMap[bytes, Identity]) -> None:
         self._by_hash = by_hash

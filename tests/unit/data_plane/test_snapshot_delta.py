@@ -167,3 +167,39 @@ def test_a_whole_snapshot_parsed_in_pieces_equals_one_parse(monkeypatch: pytest.
         snapshot.decode_full_bytes(whole[:-3])
     delta_update = cluster_pb2.ConfigUpdate(delta=delta()).SerializeToString()
     assert snapshot.whole_snapshot_bytes(delta_update) is None
+
+
+def test_compiling_in_steps_gives_what_compiling_at_once_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    from data_plane import snapshot
+
+    monkeypatch.setattr(snapshot, "ROUTE_STEP", 7)  # routes over several steps
+    # Ties between equally specific routes are broken by their order in the snapshot.
+    tied = (route(40, "/same/*"), route(41, "/same/*"), route(42, "/svc3/x"), route(43, "/svc3/{id}"))
+    many = model.Snapshot(
+        version=9,
+        built_at_ms=3,
+        tenants=tuple(tenant(i) for i in range(30)),
+        api_keys=tuple(key(i, i % 30) for i in range(3000)),
+        routes=(*tuple(route(i) for i in range(30)), *tied),
+    )
+    objects = decode_full(model.to_proto(many))
+    steps = snapshot.compiling(objects)
+    taken = 0
+    while True:
+        try:
+            next(steps)
+            taken += 1
+        except StopIteration as done:
+            stepped: snapshot.Compiled = done.value
+            break
+    at_once = compile_objects(objects)
+    assert taken > 5
+    assert stepped.router.size == at_once.router.size == 34
+    for path in ("/same/a", "/svc3/x", "/svc3/y", "/svc7/deep/er", "/nothing"):
+        one, other = stepped.router.match(path, "GET"), at_once.router.match(path, "GET")
+        assert (one and one.route.route.id) == (other and other.route.route.id), path
+    assert stepped.router.match("/same/a", "GET").route.route.id == "r40"  # type: ignore[union-attr]
+    assert sorted(stepped.upstreams) == sorted(at_once.upstreams)
+    for i in (0, 1234, 2999):
+        assert stepped.auth.keys.lookup(f"key-{i}") == at_once.auth.keys.lookup(f"key-{i}")
+    assert len(stepped.auth.keys) == 3000

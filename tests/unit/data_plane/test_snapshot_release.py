@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from data_plane import cluster
-from data_plane.snapshot import Compiled, compile_snapshot
+from data_plane.snapshot import Compiled, compile_snapshot, run_steps
 from shared import snapshot as model
 from shared.shardmap import SHARDS
 
@@ -27,7 +27,7 @@ def large(version: int = 5, keys: int = 2000, routes: int = 300) -> Compiled:
 
 def test_pieces_are_the_items_of_the_wide_containers() -> None:
     compiled = large()
-    pieces = cluster._pieces(compiled)
+    pieces = run_steps(cluster._pieces(compiled))
     ids = {id(p) for p in pieces}
     # Every shard of the key table and of the key maps, every route and every pool.
     assert all(id(shard) in ids for shard in compiled.objects.api_keys.shards)
@@ -41,7 +41,7 @@ def test_release_waits_for_the_last_other_reference(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(cluster, "RELEASE_POLL_S", 0.001)
     compiled = large()
     shard = compiled.objects.api_keys.shards[0]
-    pieces = cluster._pieces(compiled)
+    pieces = run_steps(cluster._pieces(compiled))
     held = len(pieces)
 
     async def scenario() -> None:
