@@ -46,6 +46,10 @@ POLL_INTERVAL_S: Final = 5.0
 RETRY_INTERVAL_S: Final = 1.0
 # Deltas kept for nodes that are a few versions behind; older nodes get a full snapshot.
 MAX_DELTAS: Final = 256
+# A version that changes more objects than this is published whole, not as a delta: a node
+# applies a whole snapshot a slice at a time between requests, a delta in one go (small
+# ones) or in a worker thread.
+MAX_DELTA_OBJECTS: Final = 2000
 MAX_DELTA_BYTES: Final = 32 * 1024 * 1024
 # The change log is pruned of rows older than this, checked this often.
 CHANGE_LOG_RETENTION_S: Final = 3600.0
@@ -227,7 +231,7 @@ def build(previous: Catalog | None, rows: config_store.ConfigRows) -> Published:
 
     if not rows.full and not rows.routes:
         catalog = Catalog(rows.version, built_at_ms, entries, previous.route_seq, previous.seq_bound)
-        delta = _delta(previous.version, partial, changed, removed, [])
+        delta = _delta(previous.version, partial, changed, removed, []) if _small(changed, removed) else None
         return Published(catalog, previous.version, delta, (time.perf_counter() - started) * 1000)
 
     # Routes: order is meaning. A node applying the delta keeps each surviving route where it
@@ -256,8 +260,14 @@ def build(previous: Catalog | None, rows: config_store.ConfigRows) -> Published:
 
     bound = max(previous.seq_bound, max(route_seq.values(), default=0))
     catalog = Catalog(rows.version, built_at_ms, entries, seqs, bound)
-    ordered_delta = _delta(previous.version, partial, changed, removed, added) if in_order else None
+    small = in_order and _small(changed, removed)
+    ordered_delta = _delta(previous.version, partial, changed, removed, added) if small else None
     return Published(catalog, previous.version, ordered_delta, (time.perf_counter() - started) * 1000)
+
+
+def _small(changed: dict[str, set[str]], removed: dict[str, list[str]]) -> bool:
+    """Whether a change is small enough to send as a delta (see :data:`MAX_DELTA_OBJECTS`)."""
+    return sum(len(changed[kind]) + len(removed[kind]) for kind in KINDS) <= MAX_DELTA_OBJECTS
 
 
 def _delta(

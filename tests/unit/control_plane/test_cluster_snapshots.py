@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
+import pytest
+
 from control_plane.cluster.snapshots import Published, build
 from control_plane.store.config import ConfigRows
 from shared import snapshot as model
@@ -154,3 +156,14 @@ def test_a_node_gets_the_deltas_that_reach_back_to_it_else_one_full_snapshot() -
         version, [whole], full = cache.updates_for(behind)
         assert (version, full) == (7, True)
         assert cluster_pb2.ConfigUpdate.FromString(whole).snapshot.version == 7
+
+
+def test_a_change_of_many_objects_is_published_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    from control_plane.cluster import snapshots
+
+    monkeypatch.setattr(snapshots, "MAX_DELTA_OBJECTS", 3)
+    before = first()
+    few = build(before.catalog, rows(6, False, api_keys={f"k{i}": None for i in range(3)}))
+    many = build(few.catalog, rows(7, False, tenants={f"t9{i}": tenant(90 + i) for i in range(4)}))
+    assert few.delta is not None and many.delta is None
+    assert sorted(t.id for t in snapshot_of(many).snapshot.tenants) == ["t0", "t1", "t2", "t90", "t91", "t92", "t93"]
