@@ -251,9 +251,26 @@ def _is_bearer(authorization: str) -> bool:
     return bool(scheme) and scheme[0].lower() == "bearer"
 
 
+_NO_TOKENS: Final[frozenset[str]] = frozenset()
+# The tokens of a single Connection value (upstreams send the same "keep-alive" or "close"
+# every time): remembered, bounded like the header verdicts.
+_CONNECTION_TOKENS: dict[str, frozenset[str]] = {}
+
+
 def _connection_tokens(values: list[str] | tuple[str, ...]) -> frozenset[str]:
     if not values:
-        return frozenset()
+        return _NO_TOKENS
+    if len(values) == 1:
+        tokens = _CONNECTION_TOKENS.get(values[0])
+        if tokens is None:
+            tokens = _tokens(values)
+            if len(_CONNECTION_TOKENS) < _VERDICTS_MAX:
+                _CONNECTION_TOKENS[values[0]] = tokens
+        return tokens
+    return _tokens(values)
+
+
+def _tokens(values: list[str] | tuple[str, ...]) -> frozenset[str]:
     return frozenset(token.strip().lower() for value in values for token in value.split(",") if token.strip())
 
 

@@ -355,6 +355,7 @@ class Pool:
         oldest = None
         for key, idle in list(self._idle.items()):
             if not idle:
+                del self._idle[key]  # a target whose connections were all taken or closed
                 continue
             cutoff = asyncio.get_running_loop().time() - self._keepalive_s
             keep = []
