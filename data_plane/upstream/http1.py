@@ -99,6 +99,12 @@ class Protocol(ResponseHandler):
             self._check_at = deadline
             self._check = self._loop.call_at(deadline, self._check_deadline)
 
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        # aiohttp's body reader asks for this after every read below its low-water mark, paused
+        # or not; unpaused, it would only feed the parser nothing and poke the transport.
+        if self._reading_paused or self._buffer_paused:
+            super().resume_reading(resume_parser)
+
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self._deadline = 0.0

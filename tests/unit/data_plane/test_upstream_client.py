@@ -121,6 +121,7 @@ class Upstream:
         self.connections = 0
         self.server: asyncio.Server | None = None
         self.tasks: list[asyncio.Task[None]] = []
+        self.writers: list[asyncio.StreamWriter] = []
 
     async def __aenter__(self) -> Upstream:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -129,9 +130,11 @@ class Upstream:
     async def __aexit__(self, *_: object) -> None:
         assert self.server is not None
         self.server.close()
-        for task in self.tasks:
+        for writer in self.writers:
+            writer.close()  # a script waiting to read sees the end and returns
+        _, late = await asyncio.wait(self.tasks, timeout=5.0) if self.tasks else (set(), set())
+        for task in late:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.server.wait_closed()
 
     @property
@@ -144,6 +147,7 @@ class Upstream:
         n = self.connections
         self.connections += 1
         self.tasks.append(asyncio.current_task())  # type: ignore[arg-type]
+        self.writers.append(writer)
         try:
             await self.script(reader, writer, n)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -493,4 +497,34 @@ async def test_a_shorter_read_timeout_on_a_reused_connection_is_kept(client: Ups
         with pytest.raises(UpstreamTimeout):
             # The first request armed a timer for 60 s; this one's 0.2 s must not wait for it.
             await asyncio.wait_for(_exchange(client, upstream, timeout_s=0.2), 30.0)
+        assert upstream.connections == 1
+
+
+async def test_a_body_larger_than_the_read_buffer_arrives_whole_through_flow_control(client: UpstreamClient) -> None:
+    size = 4 * 1024 * 1024  # many times the reader's high-water mark
+    buffered = asyncio.Event()
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await _head(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for i in range(size // 65536):
+            w.write(b"z" * 65536)
+            await w.drain()
+            if i == 8:
+                buffered.set()  # 576 KiB sent, none read yet: the client has stopped reading the socket
+        await _head(r)
+        w.write(OK)
+        await w.drain()
+        await r.read()
+
+    async with Upstream(script) as upstream:
+        response = await client.send("GET", upstream.target, "/p", "", [], None, try_timeout(5.0))
+        await asyncio.wait_for(buffered.wait(), 5.0)
+        received = 0
+        async for chunk in response_body(response):
+            received += len(chunk)
+            await asyncio.sleep(0)
+        response.release()
+        assert received == size
+        assert await _exchange(client, upstream) == (200, b"ok")  # and the connection was reusable
         assert upstream.connections == 1
