@@ -20,8 +20,7 @@ upstream could frame or route differently is refused here.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 from urllib.parse import unquote_to_bytes
 
 from multidict import MultiMapping
@@ -43,8 +42,9 @@ _HTTP_10: Final = (1, 0)
 _HTTP_11: Final = (1, 1)
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+class Target(NamedTuple):
+    """One per request: a named tuple is built in C, a frozen dataclass field by field."""
+
     path: str  # decoded, what routes are matched against
     raw_path: str  # as received; decodes to exactly ``path``
     raw_query: str  # as received, without "?"; "" when absent
