@@ -44,8 +44,7 @@ FLOOD_LIMIT = 30  # the flooding tenant's requests per (6 s) minute: 5 per secon
 FLOOD_RATE = 20 * FLOOD_LIMIT / MINUTE_S  # 20x its limit: 100 per second
 SAMPLES = 2000  # victim requests per node and measurement: p99 is the 20th slowest
 ROUNDS = 4  # the measurement's quarters, each compared on its own (p99: the 5th slowest of 500)
-TARGET_RATIO = 2  # the noisy-neighbour target, reported
-GUARD_RATIO = 6  # what the test asserts: far beyond it, isolation is broken
+TARGET_RATIO = 2  # the noisy-neighbour bound: the attacked node's p99 over the unattacked one's
 VICTIM_INTERVAL_S = 0.006
 ATTACK_S = 40.0
 SLOWLORIS, IDLE, UNREAD = 200, 300, 20
@@ -244,8 +243,8 @@ def test_hostile_clients_leave_other_tenants_and_memory_alone(
     memory_ok = growth <= RSS_GROWTH_BOUND
     figures.add(
         "hostile: other tenant's latency",
-        f"target: p99 on the attacked node ≤ {TARGET_RATIO}x p99 on the unattacked node, same moments"
-        f" (median of {ROUNDS} quarters); asserted: ≤ {GUARD_RATIO}x",
+        f"p99 on the attacked node ≤ {TARGET_RATIO}x p99 on the unattacked node, same moments"
+        f" (median of {ROUNDS} quarters)",
         latency_ok,
         attacks="all" if attacks == ATTACKS else "+".join(attacks) or "none",
         samples=SAMPLES,
@@ -290,10 +289,7 @@ def test_hostile_clients_leave_other_tenants_and_memory_alone(
         answers_ok,
         **{k: json.dumps(v).replace(",", ";") for k, v in sorted(outcome.items())},
     )
-    # The 2x target is not met on this 2-core machine (median quarter 2-4x on a quiet machine,
-    # with the data plane's loop ~75% idle: the cost is outside it, e.g. the kernel moving the
-    # attackers' 40 MB/s of oversized bodies); the guard catches isolation that is lost.
-    assert median_ratio <= GUARD_RATIO, (p99_control, p99_during, ratios)
+    assert latency_ok, (p99_control, p99_during, ratios)
     assert memory_ok, growth
     assert answers_ok, outcome
     # And the node is whole afterwards.
