@@ -1,10 +1,11 @@
-"""The Python ceiling: a reverse proxy with no features, built exactly like the data plane's
-forwarding (aiohttp low-level server on uvloop, one pooled aiohttp ClientSession, bodies
-streamed both ways with ``readany``/``iter_any``, hop-by-hop headers dropped) and nothing else:
-no routing, no auth, no limits, no metrics.
+"""The baseline: a reverse proxy with no features, made of aiohttp alone (low-level server on
+uvloop, one pooled aiohttp ClientSession, bodies streamed both ways with
+``readany``/``iter_any``, hop-by-hop headers dropped) and nothing else: no routing, no auth,
+no limits, no metrics.
 
-Every gateway figure is reported as a ratio to this proxy from the same run, so the ratio
-says what tenantgate's features cost over the cheapest proxy the same stack can be.
+Every gateway figure is reported as a ratio to this proxy from the same run. The data plane
+serves with the same aiohttp server but sends upstream with its own pooled HTTP/1.1 client
+(``data_plane/upstream/http1.py``), so a ratio above 1 is possible.
 
 ``python -m bench.bare_proxy --listen 127.0.0.1:8080 --upstream http://127.0.0.1:9000 [--workers N]``
 """
