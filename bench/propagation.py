@@ -1,7 +1,7 @@
 """Config propagation: from the admin API's 2xx to the change being served by every data plane.
 
     python -m bench.propagation [--changes 100] [--large-routes 10000] [--large-tenants 10000]
-                                [--large-keys 100000] [--out FILE]
+                                [--large-keys 100000] [--full-apply-runs 3] [--out FILE]
 
 One control plane and three data-plane nodes (one worker each) on a fresh Postgres database
 (dropped at the end), with a Redis database number of the run's own. Measured at two sizes,
@@ -12,8 +12,10 @@ a small config (10 routes, 10 tenants) and a large one (loaded with COPY, see be
   (each node polled on its own keep-alive connection). p50, p99, max.
 - data-plane RSS at the large size.
 - a full snapshot of the large config applied by a node that already serves (from its disk
-  snapshot of the small config): its apply time, and the worst latency of a request loop on
-  that node while it applies, against the same loop's latency before.
+  snapshot of the small config), ``--full-apply-runs`` times: its apply time, and the worst
+  latency of a request loop on that node while it applies, against the same loop's latency
+  before and the same loop's on a node with nothing to apply (medians over the runs).
+- where each change's time goes (``stages``), from the processes' logs.
 
 Prints JSON (and writes it to ``--out``). Not a test: the machine is shared, read ratios and
 orders of magnitude, not the last digit.
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import client as http_client
 from pathlib import Path
@@ -280,13 +283,17 @@ def probe_during_full_apply(
     control: Node,
     path: str,
     key: str,
-) -> dict[str, Any]:
+    run: int = 0,
+) -> tuple[dict[str, Any], Service]:
     """Restart the control plane (so no delta reaches back to the seed's version), start a node
-    from the small config on disk while it is down, loop requests on it, then let the control
-    plane return: the node receives the large config whole while serving. The same loop on
-    ``control``, a node with nothing to apply, tells what the machine's load alone costs."""
+    from (a copy of) the small config on disk while it is down, loop requests on it, then let
+    the control plane return: the node receives the large config whole while serving. The
+    same loop on ``control``, a node with nothing to apply, tells what the machine's load
+    alone costs. Returns the figures and the control plane now running."""
     stack.stop(cp)
-    node = start_node(stack, cluster_addr, redis_url, "dp-probe", seed_dir, ready=True)
+    data_dir = seed_dir.with_name(f"{seed_dir.name}-run{run}")
+    shutil.copytree(seed_dir, data_dir)
+    node = start_node(stack, cluster_addr, redis_url, f"dp-probe-{run}", data_dir, ready=True)
     samples: dict[str, list[tuple[float, float, int]]] = {"applying": [], "control": []}
     stop = threading.Event()
 
@@ -307,7 +314,7 @@ def probe_during_full_apply(
     try:
         time.sleep(2.0)  # the baseline, while the node serves from disk
         port = int(cluster_addr.rsplit(":", 1)[1])
-        _, admin_url, _ = start_control_plane(stack, database_url, cluster_port=port)
+        cp, admin_url, _ = start_control_plane(stack, database_url, cluster_port=port)
         big = api(admin_url, "GET", "/admin/config")["version"]
         wait_until(node.service, lambda: node.status()["config_version"] >= big, "full snapshot applied", 600)
         time.sleep(1.0)
@@ -324,7 +331,7 @@ def probe_during_full_apply(
 
     applying, control_lat = during(samples["applying"]), during(samples["control"])
     baseline = [lat for wall, lat, _ in samples["applying"] if wall < start - 0.5]
-    return {
+    figures = {
         "apply_ms": apply_ms,
         "compile_ms": compile_ms,
         "requests_during_apply": len(applying),
@@ -334,6 +341,31 @@ def probe_during_full_apply(
         "during_apply_worst_ms": round(max(applying), 2) if applying else None,
         "control_node_during_apply_worst_ms": round(max(control_lat), 2) if control_lat else None,
         "rss_after_mb": node.rss_mb(),
+    }
+    stack.stop(node.service)
+    return figures, cp
+
+
+def repeated_full_apply(
+    runs: int, probe: Callable[[int, Service], tuple[dict[str, Any], Service]], cp: Service
+) -> dict[str, Any]:
+    """``runs`` full applies: each run's figures, and the medians of the worst request on the
+    applying node, on the control node, and of their difference (what the apply itself adds
+    over the machine's own hiccups, which hit both)."""
+    every = []
+    for run in range(runs):
+        figures, cp = probe(run, cp)
+        every.append(figures)
+    worst = [f["during_apply_worst_ms"] for f in every if f["during_apply_worst_ms"] is not None]
+    control = [
+        f["control_node_during_apply_worst_ms"] for f in every if f["control_node_during_apply_worst_ms"] is not None
+    ]
+    excess = [a - c for a, c in zip(worst, control, strict=False)]
+    return {
+        "runs": every,
+        "median_worst_applying_ms": round(statistics.median(worst), 2) if worst else None,
+        "median_worst_control_ms": round(statistics.median(control), 2) if control else None,
+        "median_worst_excess_ms": round(statistics.median(excess), 2) if excess else None,
     }
 
 
@@ -375,9 +407,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["large"]["dp_rss_mb"] = [n.rss_mb() for n in nodes]
         deltas = [a[3] for a in nodes[0].applied() if a[1] == "delta" and a[0] > large.version]
         report["large"]["delta_apply_ms"] = _summary([d / 1000 for d in deltas])
-        report["large"]["full_apply"] = probe_during_full_apply(
-            stack, database_url, cp, cluster_addr, redis.url, seed, nodes[1], small.path, small.api_key
-        )
+
+        def probe(run: int, cp: Service) -> tuple[dict[str, Any], Service]:
+            return probe_during_full_apply(
+                stack, database_url, cp, cluster_addr, redis.url, seed, nodes[1], small.path, small.api_key, run
+            )
+
+        report["large"]["full_apply"] = repeated_full_apply(args.full_apply_runs, probe, cp)
     finally:
         stack.stop_all()
         drop_database(POSTGRES_ADMIN_URL, db_name)
@@ -385,7 +421,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.keep_logs is None:
             shutil.rmtree(work, ignore_errors=True)
         else:
-            shutil.copytree(work, args.keep_logs, ignore=shutil.ignore_patterns("*-data", "seed", "dp-*[0-9]"))
+            shutil.copytree(work, args.keep_logs, ignore=shutil.ignore_patterns("*-data", "seed*", "dp-*[0-9]"))
             shutil.rmtree(work, ignore_errors=True)
     return report
 
@@ -396,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-routes", type=int, default=10_000)
     parser.add_argument("--large-tenants", type=int, default=10_000)
     parser.add_argument("--large-keys", type=int, default=100_000)
+    parser.add_argument("--full-apply-runs", type=int, default=3, help="full applies measured (medians reported)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep-logs", type=Path, help="copy every process's log here")
     args = parser.parse_args(argv)
