@@ -202,6 +202,13 @@ class ConfigClient:
 
     async def run(self) -> None:
         """Stay connected until cancelled."""
+        try:
+            await self._run()
+        finally:
+            for releasing in list(self._releasing):  # the process is stopping: no need to spread it
+                releasing.cancel()
+
+    async def _run(self) -> None:
         delay = BACKOFF_INITIAL_S
         while True:
             try:
