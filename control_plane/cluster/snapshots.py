@@ -392,6 +392,10 @@ class SnapshotCache:
                 published = await asyncio.to_thread(build, None if previous is None else previous.catalog, rows)
             else:
                 published = build(None if previous is None else previous.catalog, rows)
+            if published.delta is None:
+                # Every node is sent this version whole: concatenated here, off the loop, not
+                # by the first stream that needs it (tens of milliseconds for a large config).
+                await asyncio.to_thread(published.full)
         await self._publish(published)
         log.info(
             "snapshot built",
