@@ -20,7 +20,7 @@ import sys
 import time
 import types
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -48,7 +48,6 @@ from shared.errors import InvalidSnapshot
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 BACKOFF_INITIAL_S: Final = 0.2
 BACKOFF_MAX_S: Final = 10.0
@@ -76,11 +75,8 @@ JOURNAL_COMPACT_FLOOR_BYTES: Final = 64 * 1024 * 1024
 FREEZE_AFTER_OBJECTS: Final = 1000
 # The interpreter's thread switch interval while an update compiles (see ConfigClient._apply).
 APPLY_SWITCH_INTERVAL_S: Final = 0.001
-# A whole snapshot is compiled on the event loop in slices of about this long (_run_sliced); a
-# delta this small inline (a few hundred objects: well under a millisecond), a larger one in
-# a worker thread.
-APPLY_SLICE_S: Final = 0.001
-APPLY_PAUSE_S: Final = 0.0002
+# A delta this small is applied inline (a few hundred objects: well under a millisecond at
+# 100,000 keys), skipping the hand-off to a worker thread; anything larger in the thread.
 INLINE_DELTA_BYTES: Final = 16 * 1024
 # A snapshot replaced whole is freed a piece at a time (see _release): at most this long at
 # once on the event loop, once nothing else refers to it (checked this often).
@@ -129,8 +125,9 @@ class _Applied:
 
 
 def _whole(encoded: memoryview, current: Compiled | None) -> Steps[_Applied]:
-    """Parse, validate and compile a whole snapshot, a step at a time (on the event loop, see
-    :func:`_run_sliced`)."""
+    """Parse, validate and compile a whole snapshot (in a worker thread). In steps of about a
+    millisecond each: no single call holds the interpreter, and with it the event loop, for
+    longer (see data_plane/snapshot.py)."""
     compiled = yield from compiling((yield from decoding(encoded)))
     retired = None if current is None else (yield from _pieces(current))
     return _Applied(compiled, encoded, None, retired)
@@ -139,7 +136,7 @@ def _whole(encoded: memoryview, current: Compiled | None) -> Steps[_Applied]:
 def _prepare(raw: bytes, current: Compiled | None) -> _Applied:
     """Parse, validate and compile one update that is not a bare whole snapshot (a delta,
     inline or in a worker thread). The caller turns the cyclic garbage collector off around
-    it (see :meth:`ConfigClient._apply`)."""
+    this and :func:`_whole` (see :meth:`ConfigClient._apply`)."""
     update = cluster_pb2.ConfigUpdate.FromString(raw)
     if update.HasField("delta"):
         if current is None:
@@ -318,7 +315,7 @@ class ConfigClient:
         try:
             whole = whole_snapshot_bytes(raw)
             if whole is not None:
-                applied = await _run_sliced(_whole(whole, previous))
+                applied = await asyncio.to_thread(run_steps, _whole(whole, previous))
             elif len(raw) <= INLINE_DELTA_BYTES:
                 applied = _prepare(raw, previous)
             else:
@@ -387,23 +384,6 @@ class ConfigClient:
                 log.warning("cannot save the snapshot to disk", extra={"error": str(exc)})
 
         self._saving = asyncio.ensure_future(save())
-
-
-async def _run_sliced(steps: Steps[_T]) -> _T:
-    """Run ``steps`` on the event loop, :data:`APPLY_SLICE_S` at a time, serving requests
-    between slices. (A worker thread would share the interpreter with the loop: on a busy
-    machine, each time the thread is descheduled while holding it the loop waits too.)"""
-    while True:
-        deadline = time.perf_counter() + APPLY_SLICE_S
-        try:
-            while time.perf_counter() < deadline:
-                next(steps)
-        except StopIteration as done:
-            result: _T = done.value
-            return result
-        # Not sleep(0): a request is a chain of callbacks (a read wakes a future, which wakes a
-        # task), one loop iteration each; a pause lets whole chains run between two slices.
-        await asyncio.sleep(APPLY_PAUSE_S)
 
 
 def _pieces(root: object) -> Steps[list[object]]:
