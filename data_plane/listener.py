@@ -28,6 +28,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from data_plane.errors import BadRequest, GatewayError
 from data_plane.pipeline import error_response, request_id
+from data_plane.proxy import PacedHandler
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class _Linger(asyncio.BufferedProtocol):
         self._handler.connection_lost(exc)
 
 
-class _Handler(web.RequestHandler):
+class _Handler(PacedHandler):
     def handle_error(
         self,
         request: web.BaseRequest,
@@ -117,7 +118,8 @@ class _Handler(web.RequestHandler):
 
 class _Server(web.Server):
     def __call__(self) -> web.RequestHandler:
-        # aiohttp builds one handler per connection; the only change is the error answer.
+        # aiohttp builds one handler per connection: here one whose flow control reaches the
+        # upstream of a streamed answer, with the gateway's error answers and lingering.
         return _Handler(self, loop=self._loop, **self._kwargs)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from ipaddress import ip_address
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -24,6 +24,7 @@ from data_plane.router import CompiledRoute
 from data_plane.snapshot import Compiled
 from data_plane.upstream.client import HOP_BY_HOP, BodyCounter, UpstreamBrokenOff, UpstreamClient
 from data_plane.upstream.dispatch import Dispatcher, RequestBody
+from data_plane.upstream.http1 import Response
 from data_plane.upstream.websocket import WebSocketClient
 from shared.settings import Settings
 from shared.snapshot import Tenant
@@ -117,13 +118,25 @@ class Proxy:
             if whole is not None:
                 await response.write_eof(whole)  # head and body in one write, no stream to follow
                 return response
+            client = request.protocol
+            paced = client if isinstance(client, PacedHandler) else None
+            if paced is not None:
+                paced.relay_from(up)
             try:
                 async for chunk in exchange.body():
                     await response.write(chunk)
+                    if client.writing_paused:
+                        # Nothing more is read until the client has taken this: aiohttp's own
+                        # write waits only every 64 KiB written, so a stalled client would
+                        # get one more chunk queued for it first.
+                        await request.writer.drain()
             except UpstreamBrokenOff as exc:
                 # The status line is gone already: all that is left is to cut the connection.
                 log.warning("upstream broke off mid-response", extra={"request_id": rid, "error": str(exc)})
                 raise
+            finally:
+                if paced is not None:
+                    paced.relay_from(None)
             await response.write_eof()
             return response
         finally:
@@ -272,6 +285,45 @@ def _connection_tokens(values: list[str] | tuple[str, ...]) -> frozenset[str]:
 
 def _tokens(values: list[str] | tuple[str, ...]) -> frozenset[str]:
     return frozenset(token.strip().lower() for value in values for token in value.split(",") if token.strip())
+
+
+class PacedHandler(web.RequestHandler):
+    """A client connection whose flow control reaches the upstream: while a streamed answer
+    is relayed to it, the upstream connection the answer comes from is not read while this
+    connection's transport takes no more writes (past its high-water mark), and is read again
+    once the transport has drained (below its low-water mark). A client slower than its
+    upstream sets the pace of both, and one that stops reading holds no more of the answer in
+    the gateway than what the two connections buffer, a few hundred KiB: the rest waits in the
+    upstream's socket and the upstream itself."""
+
+    __slots__ = ("_source",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._source: Response | None = None
+
+    def relay_from(self, source: Response | None) -> None:
+        """The upstream response relayed to this client from now on (None: relaying ended;
+        a hold this connection put on the previous one is released)."""
+        previous, self._source = self._source, source
+        if previous is not None:
+            previous.release_hold()
+        if source is not None and self.writing_paused:
+            source.hold()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._source is not None:
+            self._source.hold()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._source is not None:
+            self._source.release_hold()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._source = None  # the exchange is closed by the request's own end
+        super().connection_lost(exc)
 
 
 def _is_trusted(peer: str, networks: tuple[object, ...]) -> bool:

@@ -15,6 +15,12 @@ rest directly:
     release   the connection goes back only when the body was read to its end, nothing more
               arrived, and neither side asked to close; anything else closes it
 
+A connection reads at most :data:`READ_BYTES` from its socket at a time (into the pool's one
+read buffer) and stops reading once :data:`BODY_BUFFER_BYTES` of body wait unread, twice that
+at most: what a response holds while its reader is slow stays small, however fast the upstream
+sends. :meth:`Response.hold` stops the reading outright, for a reader that has nowhere to put
+more (the client's transport is full).
+
 A request that fails on a reused connection before any answer (the upstream closed it while
 it was idle) is sent once more on a new connection when it has no body and its method is
 idempotent, as RFC 9112 §9.3.1 allows and as aiohttp does.
@@ -47,6 +53,13 @@ _NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 MAX_LINE_BYTES: Final = 8190
 MAX_FIELD_BYTES: Final = 8190
 MAX_HEADERS: Final = 128
+# At most this much is read from an upstream socket at once (uvloop reads 256 KiB otherwise),
+# and a body stops being read once more than twice BODY_BUFFER_BYTES of it wait unread: with
+# the bytes of the read that crossed that mark, a response holds at most about
+# 2 * BODY_BUFFER_BYTES + READ_BYTES. aiohttp's own defaults (256 KiB, 512 KiB) let a response
+# hold 0.5-0.75 MiB while its client is slower than its upstream.
+READ_BYTES: Final = 64 * 1024
+BODY_BUFFER_BYTES: Final = 32 * 1024
 
 Key = tuple[str, str, int]  # scheme, host, port
 
@@ -105,12 +118,67 @@ class Protocol(ResponseHandler):
         if self._reading_paused or self._buffer_paused:
             super().resume_reading(resume_parser)
 
+    @property
+    def held(self) -> bool:
+        return self._buffer_paused
+
+    def hold(self) -> None:
+        """Stop reading the socket until :meth:`release_hold`, whatever the body's own flow
+        control says. The read timeout stops too: the upstream is not the one late."""
+        if not self._buffer_paused:
+            # aiohttp's "buffer" pause: the transport reads again only once neither it nor
+            # the body's flow control (``_reading_paused``) holds it.
+            self._pause_reading_for_buffer()
+            self._drop_timeout()
+
+    def release_hold(self) -> None:
+        if self._buffer_paused:
+            self._resume_reading_for_buffer()
+            payload = self._payload
+            if not self._reading_paused and payload is not None and not payload.is_eof():
+                self._reschedule_timeout()  # the rest of the body is awaited again
+
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self._deadline = 0.0
         if self._check is not None:
             self._check.cancel()  # a closed connection is not kept alive by its timer
             self._check = None
+
+
+class _Reads(asyncio.BufferedProtocol):
+    """What the transport calls: each read lands in ``buffer`` (at most its size, where a plain
+    protocol would get whatever uvloop read, up to 256 KiB) and goes on to the response
+    protocol as bytes. uvloop reads into a buffer only for a protocol that is not an
+    ``asyncio.Protocol``, which aiohttp's is: hence this front. ``buffer`` is the pool's, one
+    for all its connections: a read is copied out of it before anything else can read."""
+
+    __slots__ = ("_buffer", "protocol")
+
+    def __init__(self, protocol: Protocol, buffer: memoryview) -> None:
+        self.protocol = protocol
+        self._buffer = buffer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.protocol.connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.protocol.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.protocol.resume_writing()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.protocol.data_received(self._buffer[:nbytes].tobytes())
+
+    def eof_received(self) -> None:
+        self.protocol.eof_received()  # and the transport closes
 
 
 class Connection:
@@ -149,11 +217,22 @@ class Response:
         self._pool = pool
         self._writer = writer
 
+    def hold(self) -> None:
+        """Read no more of the body from the upstream until :meth:`release_hold`: its reader
+        has nowhere to put it. Released at the latest by :meth:`release` or :meth:`close`."""
+        if self._conn is not None:
+            self._conn.protocol.hold()
+
+    def release_hold(self) -> None:
+        if self._conn is not None:
+            self._conn.protocol.release_hold()
+
     def release(self) -> None:
         """Give the connection back if it can carry another request, else close it."""
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        conn.protocol.release_hold()  # an idle connection reads: that is how it hears of a close
         writer = self._writer
         if writer is not None and not writer.done():
             writer.cancel()  # the answer came before the whole request body: the connection is spent
@@ -191,6 +270,7 @@ class Pool:
         self._sweep: asyncio.TimerHandle | None = None
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
+        self._read_buffer = memoryview(bytearray(READ_BYTES))  # see _Reads
 
     # -- one exchange --------------------------------------------------------------------
 
@@ -238,6 +318,7 @@ class Pool:
                     max_line_size=MAX_LINE_BYTES,
                     max_field_size=MAX_FIELD_BYTES,
                     max_headers=MAX_HEADERS,
+                    read_bufsize=BODY_BUFFER_BYTES,
                 )
                 conn.head = is_head
             transport.write(head)
@@ -313,10 +394,11 @@ class Pool:
             if self._ssl is None:
                 self._ssl = ssl.create_default_context()
             context = self._ssl
-        _, protocol = await loop.create_connection(
-            lambda: Protocol(loop), host, port, ssl=context, server_hostname=host if context else None
+        buffer = self._read_buffer
+        _, reads = await loop.create_connection(
+            lambda: _Reads(Protocol(loop), buffer), host, port, ssl=context, server_hostname=host if context else None
         )
-        return Connection(key, protocol)
+        return Connection(key, reads.protocol)
 
     def put(self, conn: Connection) -> None:
         """An idle connection that can carry another request."""

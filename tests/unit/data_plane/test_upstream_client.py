@@ -23,7 +23,7 @@ from data_plane.upstream.client import (
     stream_body,
     try_timeout,
 )
-from data_plane.upstream.http1 import Pool, Response
+from data_plane.upstream.http1 import BODY_BUFFER_BYTES, READ_BYTES, Pool, Response
 
 pytestmark = pytest.mark.unit
 
@@ -527,4 +527,94 @@ async def test_a_body_larger_than_the_read_buffer_arrives_whole_through_flow_con
         response.release()
         assert received == size
         assert await _exchange(client, upstream) == (200, b"ok")  # and the connection was reusable
+        assert upstream.connections == 1
+
+
+def _transport(response: Response) -> asyncio.Transport:
+    conn = response._conn
+    assert conn is not None and conn.protocol.transport is not None
+    return conn.protocol.transport
+
+
+async def _until(predicate: Callable[[], bool], what: str) -> None:
+    try:
+        async with asyncio.timeout(10.0):
+            while not predicate():
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+def _big_then_ok(size: int) -> Script:
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await _head(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(size // 65536):
+            w.write(b"z" * 65536)
+            await w.drain()
+        await _answer_forever(r, w)
+
+    return script
+
+
+async def test_a_body_nobody_reads_stops_being_read_at_its_bound(client: UpstreamClient) -> None:
+    size = 4 * 1024 * 1024
+
+    async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await _head(r)
+        w.write(OK)
+        await _big_then_ok(size)(r, w, n)
+
+    async with Upstream(script) as upstream:
+        first = await client.send("GET", upstream.target, "/p", "", [], None, try_timeout(5.0))
+        assert await _read_all(first) == b"ok"
+        protocol = first._conn.protocol  # type: ignore[union-attr]
+        reads: list[int] = []
+        received = protocol.data_received
+
+        def data_received(data: bytes) -> None:
+            reads.append(len(data))
+            received(data)
+
+        protocol.data_received = data_received  # type: ignore[method-assign]
+        first.release()
+        response = await client.send("GET", upstream.target, "/p", "", [], None, try_timeout(5.0))
+        transport = _transport(response)
+        await _until(lambda: not transport.is_reading(), "the body's flow control to stop reading")
+        # The reader's mark plus the rest of the read that crossed it: not the 0.5-0.75 MiB of
+        # aiohttp's defaults, and nowhere near the 4 MiB on offer.
+        assert 2 * BODY_BUFFER_BYTES <= response.content.total_bytes <= 2 * BODY_BUFFER_BYTES + READ_BYTES
+        assert len(await _read_all(response)) == size
+        assert reads and max(reads) <= READ_BYTES  # the socket is read a bounded amount at a time
+        response.release()
+        assert await _exchange(client, upstream) == (200, b"ok")
+        assert upstream.connections == 1
+
+
+async def test_a_held_response_is_not_read_until_released(client: UpstreamClient) -> None:
+    size = 1024 * 1024
+    async with Upstream(_big_then_ok(size)) as upstream:
+        response = await client.send("GET", upstream.target, "/p", "", [], None, try_timeout(5.0))
+        transport = _transport(response)
+        response.hold()
+        assert not transport.is_reading()
+        # Taking what is buffered asks the transport to read again (the body's own flow
+        # control): the hold still stops it.
+        taken = len(response.content.read_nowait())
+        assert not transport.is_reading()
+        response.release_hold()
+        assert transport.is_reading()
+        assert taken + len(await _read_all(response)) == size
+        response.release()
+        assert await _exchange(client, upstream) == (200, b"ok")
+        assert upstream.connections == 1
+
+
+async def test_a_hold_left_on_a_response_ends_with_it(client: UpstreamClient) -> None:
+    async with Upstream(_ok_forever) as upstream:
+        response = await client.send("GET", upstream.target, "/p", "", [], None, try_timeout(5.0))
+        assert await _read_all(response) == b"ok"
+        response.hold()
+        response.release()  # back to the pool: reading again, or it would never see its next answer
+        assert await _exchange(client, upstream, timeout_s=2.0) == (200, b"ok")
         assert upstream.connections == 1
