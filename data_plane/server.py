@@ -107,13 +107,13 @@ async def run_worker(settings: Settings, *, reuse_port: bool, metrics_dir: Path 
     # First: opening the usage spool is what fails on a bad DATA_DIR, before anything needs closing.
     observability = Observability(settings, lambda: redis.ok, metrics_dir)
     await observability.start()
-    client = UpstreamClient()
+    client = UpstreamClient(settings.upstream_ca_file)
     await client.start()
     redis = RedisBackend(settings)
     config = ConfigClient(settings, holder)
     config.restore_from_disk()
     limiter = RateLimiter(settings, redis)
-    websockets = WebSocketClient()
+    websockets = WebSocketClient(settings.upstream_ca_file)
     await websockets.start()
     failures = FailureTracker(tenant_labels=settings.metrics_tenant_labels)
     pipeline = Pipeline(

@@ -116,6 +116,8 @@ class Settings:
     cluster_tls_cert: Path | None = None
     cluster_tls_key: Path | None = None
     cluster_tls_ca: Path | None = None
+    # CA certificates a data plane trusts for HTTPS upstreams besides the system's store.
+    upstream_ca_file: Path | None = None
     # While the cluster token is rotated, the control plane also accepts the previous one.
     cluster_token_previous: Secret | None = None
     # Names of the settings given explicitly (flag or environment) rather than defaulted.
@@ -355,6 +357,11 @@ _SPECS: Final[dict[str, tuple[Callable[[str], Any], str | None, str]]] = {
         _pem_file("cert"),
         None,
         "data plane: PEM CA that signs the control plane's cluster certificate",
+    ),
+    "UPSTREAM_CA_FILE": (
+        _pem_file("cert"),
+        None,
+        "data plane: PEM CA certificates trusted for HTTPS upstreams besides the system's",
     ),
 }
 

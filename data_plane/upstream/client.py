@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -20,7 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
 from data_plane.errors import BadRequest, UpstreamTimeout, UpstreamUnavailable
-from data_plane.upstream.http1 import Key, Pool, RequestHeadInvalid, Response
+from data_plane.upstream.http1 import Key, Pool, RequestHeadInvalid, Response, tls_context
 
 BODY_CHUNK_BYTES: Final = 64 * 1024
 # Idle keep-alive connections are closed after this; below the 60-75 s most servers use, so
@@ -101,16 +102,26 @@ def try_timeout(seconds: float) -> aiohttp.ClientTimeout:
 
 
 class UpstreamClient:
-    """Owns the worker's connection pool. Call :meth:`start` inside the running loop."""
+    """Owns the worker's connection pool. Call :meth:`start` inside the running loop.
 
-    def __init__(self) -> None:
-        self._pool = Pool(limit=POOL_LIMIT, limit_per_host=POOL_LIMIT_PER_HOST, keepalive_s=KEEPALIVE_TIMEOUT_S)
+    HTTPS upstreams are verified against the system's trust store plus the CAs in ``ca_file``
+    (``UPSTREAM_CA_FILE``), for the requests and for the health checks alike."""
+
+    def __init__(self, ca_file: Path | None = None) -> None:
+        self._ca_file = ca_file
+        self._pool = Pool(
+            limit=POOL_LIMIT, limit_per_host=POOL_LIMIT_PER_HOST, keepalive_s=KEEPALIVE_TIMEOUT_S, ca_file=ca_file
+        )
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         # Health checks only: a few requests a second at most, so aiohttp's own client.
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=POOL_LIMIT_PER_HOST, ttl_dns_cache=DNS_CACHE_TTL_S),
+            connector=aiohttp.TCPConnector(
+                limit=POOL_LIMIT_PER_HOST,
+                ttl_dns_cache=DNS_CACHE_TTL_S,
+                ssl=tls_context(self._ca_file) if self._ca_file is not None else True,
+            ),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("Accept", "Accept-Encoding"),

@@ -33,6 +33,7 @@ import contextlib
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 from typing import Final
 
 from aiohttp.client_exceptions import (
@@ -259,7 +260,7 @@ class Pool:
     host, port); a request beyond them waits for a slot within its connect timeout. Idle
     connections are closed after ``keepalive_s``."""
 
-    def __init__(self, *, limit: int, limit_per_host: int, keepalive_s: float) -> None:
+    def __init__(self, *, limit: int, limit_per_host: int, keepalive_s: float, ca_file: Path | None = None) -> None:
         self._limit = limit
         self._limit_per_host = limit_per_host
         self._keepalive_s = keepalive_s
@@ -268,7 +269,8 @@ class Pool:
         self._open_total = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._sweep: asyncio.TimerHandle | None = None
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl: ssl.SSLContext | None = None  # built at the first HTTPS connection
+        self._ca_file = ca_file
         self._closed = False
         self._read_buffer = memoryview(bytearray(READ_BYTES))  # see _Reads
 
@@ -392,7 +394,7 @@ class Pool:
         context: ssl.SSLContext | None = None
         if scheme == "https":
             if self._ssl is None:
-                self._ssl = ssl.create_default_context()
+                self._ssl = tls_context(self._ca_file)
             context = self._ssl
         buffer = self._read_buffer
         _, reads = await loop.create_connection(
@@ -475,6 +477,16 @@ class Pool:
     @property
     def open_connections(self) -> int:
         return self._open_total
+
+
+def tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """How an HTTPS upstream is checked: its certificate must chain to the system's trust store
+    (OpenSSL's default paths, so ``SSL_CERT_FILE``/``SSL_CERT_DIR`` move them) or to a CA in
+    ``ca_file``, and must name the host it was reached by (SNI is that host too)."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=ca_file)
+    return context
 
 
 def _request_head(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Final
 
 import aiohttp
@@ -16,6 +17,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from data_plane.errors import UpstreamTimeout, UpstreamUnavailable
+from data_plane.upstream.http1 import tls_context
 
 # Largest message relayed in either direction; a larger one closes the connection with 1009.
 MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
@@ -26,9 +28,11 @@ UpstreamWebSocket = aiohttp.ClientWebSocketResponse
 
 
 class WebSocketClient:
-    """Opens WebSockets to upstreams. Call :meth:`start` inside the running loop."""
+    """Opens WebSockets to upstreams. Call :meth:`start` inside the running loop. ``wss://``
+    upstreams are verified as HTTPS ones are (see :class:`~data_plane.upstream.client.UpstreamClient`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ca_file: Path | None = None) -> None:
+        self._ca_file = ca_file
         self._session: aiohttp.ClientSession | None = None
         # Set when the worker starts to drain: relays close their connections with 1001.
         self.shutting_down = asyncio.Event()
@@ -38,6 +42,7 @@ class WebSocketClient:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=tls_context(self._ca_file) if self._ca_file is not None else True),
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),

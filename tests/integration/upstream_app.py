@@ -1,6 +1,9 @@
 """A controllable upstream for the upstream-resilience tests.
 
-``python -m tests.integration.upstream_app --listen 127.0.0.1:9000 --name a``
+``python -m tests.integration.upstream_app --listen 127.0.0.1:9000 --name a [--tls-cert C --tls-key K]``
+
+With ``--tls-cert``/``--tls-key`` (PEM files) it speaks HTTPS, and its stats say which server
+names clients asked for (SNI) and over how many connections its requests came.
 
 Every request outside ``/_control/`` is counted and answered with JSON naming the instance
 (also in the ``X-Upstream-Instance`` header). How it answers, by query parameter:
@@ -16,7 +19,7 @@ set) and counted apart. The test steers the instance directly, not through the g
 
     POST /_control/mode    {"status": 503} | {"hang": true} | {"delay_ms": 500} | {}  (every request)
     POST /_control/health  {"status": 500}
-    GET  /_control/stats   {"hits", "health_hits", "in_flight", "by_method"}
+    GET  /_control/stats   {"hits", "health_hits", "in_flight", "by_method", "connections", "server_names"}
     POST /_control/reset   counters and modes back to zero
 """
 
@@ -26,6 +29,7 @@ import argparse
 import asyncio
 import json
 import signal
+import ssl
 from collections import Counter
 from typing import Any
 
@@ -44,6 +48,8 @@ class Instance:
         self.by_method: Counter[str] = Counter()
         self.mode: dict[str, Any] = {}
         self.health_status = 200
+        self.peers: set[str] = set()  # the client ends of the connections counted requests came over
+        self.server_names: list[str | None] = []  # SNI of each TLS handshake
 
     def _json(self, status: int, payload: dict[str, Any]) -> web.Response:
         return web.Response(
@@ -62,6 +68,7 @@ class Instance:
             return self._json(self.health_status, {"instance": self.name, "health": self.health_status})
         self.hits += 1
         self.by_method[request.method] += 1
+        self.peers.add(str(request.transport.get_extra_info("peername") if request.transport else None))
         self.in_flight += 1
         try:
             return await self.answer(request)
@@ -105,6 +112,8 @@ class Instance:
                     "health_hits": self.health_hits,
                     "in_flight": self.in_flight,
                     "by_method": dict(self.by_method),
+                    "connections": len(self.peers),
+                    "server_names": self.server_names,
                 },
             )
         if action == "reset":
@@ -120,14 +129,23 @@ class Instance:
         return self._json(404, {"error": "unknown control action"})
 
 
-async def serve(host: str, port: int, name: str) -> None:
+async def serve(host: str, port: int, name: str, tls: tuple[str, str] | None = None) -> None:
     instance = Instance(name)
+    context = None
+    if tls is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*tls)
+
+        def server_name(_sock: ssl.SSLObject, name: str | None, _context: ssl.SSLContext) -> None:
+            instance.server_names.append(name)
+
+        context.sni_callback = server_name
     # Handlers of requests the gateway gave up on are cancelled, so in_flight stays true.
     server = web.Server(instance.handle, access_log=None, handler_cancellation=True)
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
-    await web.TCPSite(runner, host, port, backlog=1024).start()
-    print(f"upstream {name} listening on http://{host}:{port}", flush=True)
+    await web.TCPSite(runner, host, port, backlog=1024, ssl_context=context).start()
+    print(f"upstream {name} listening on {'https' if context else 'http'}://{host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -141,14 +159,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="upstream-app")
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     parser.add_argument("--name", required=True)
+    parser.add_argument("--tls-cert", help="PEM certificate (chain): serve HTTPS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     args = parser.parse_args()
     host, _, port = args.listen.rpartition(":")
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     try:
         import uvloop
 
-        uvloop.run(serve(host, int(port), args.name))
+        uvloop.run(serve(host, int(port), args.name, tls))
     except ImportError:
-        asyncio.run(serve(host, int(port), args.name))
+        asyncio.run(serve(host, int(port), args.name, tls))
 
 
 if __name__ == "__main__":
