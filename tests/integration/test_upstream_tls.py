@@ -16,7 +16,7 @@ import socket
 import ssl
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.client import HTTPSConnection
 from pathlib import Path
 from typing import Any
@@ -142,15 +142,18 @@ class Env:
     dp: DataPlane
     trusted: TlsUpstream  # certificate for localhost from the CA the data plane is given
     untrusted: TlsUpstream  # certificate for localhost from a CA the data plane does not know
+    route_ids: dict[str, str] = field(default_factory=dict)
 
-    def route(self, name: str, upstream: str) -> str:
-        created = self.cp.api(
-            "POST", "/admin/routes", {"path": f"/{name}/*", "upstream": upstream, "auth_required": False, "retries": 0}
-        )
+    def route(self, name: str, upstream: str, **fields: Any) -> str:
+        body = {"path": f"/{name}/*", "upstream": upstream, "auth_required": False, "retries": 0, **fields}
+        created = self.cp.api("POST", "/admin/routes", body)
         assert created.status == 201, created.body
-        version = created.json()["config_version"]
-        wait_for(lambda: self.dp.status()["config_version"] >= version, what=f"config version {version}")
+        self.route_ids[name] = created.json()["id"]
+        self.sync(created.json()["config_version"])
         return f"/{name}"
+
+    def sync(self, version: int) -> None:
+        wait_for(lambda: self.dp.status()["config_version"] >= version, what=f"config version {version}")
 
     def get(self, path: str) -> Response:
         return http("GET", self.dp.proxy_url + path, timeout=30)
@@ -291,3 +294,20 @@ def _unchunk(body: bytes) -> bytes:
             return bytes(out)
         out += body[end + 2 : end + 2 + size]
         pos = end + 2 + size + 2
+
+
+def test_health_checks_reach_an_https_upstream_trusted_through_the_configured_ca(env: Env) -> None:
+    # The health checks' own client trusts the same CAs: a check that failed its handshake
+    # would never reach the upstream's handler.
+    before = env.trusted.stats()["health_hits"]
+    env.route(
+        "tls-health",
+        f"https://localhost:{env.trusted.port}",
+        health_check={"path": "/health", "interval_s": 1, "healthy": 1, "unhealthy": 2},
+    )
+    try:
+        wait_for(lambda: env.trusted.stats()["health_hits"] >= before + 2, what="two health checks over TLS")
+        assert env.get("/tls-health/hello").status == 200
+    finally:
+        deleted = env.cp.api("DELETE", f"/admin/routes/{env.route_ids['tls-health']}")
+        assert deleted.status in (200, 204), deleted.body
