@@ -9,7 +9,10 @@
       balancer    round robin | least connections | consistent hash
 
 A snapshot that keeps a target keeps its state: the new pool is built over the same
-Endpoint and Breaker objects. :meth:`Registry.retain` forgets what no current route names.
+Endpoint and Breaker objects. The health monitor tells the registry which pools became
+current (:meth:`Registry.hold`) and which stopped being (:meth:`Registry.release`), then
+:meth:`Registry.pruning` forgets what no current route names: the cost follows what changed,
+not how many routes there are.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from typing import Final
 
 import aiohttp
@@ -59,13 +62,25 @@ class Registry:
         self.breakers: dict[tuple[str, BreakerConfig], Breaker] = {}
         self.budgets: dict[str, RetryBudget] = {}
         self._lock = threading.Lock()
-        # URLs and route ids asked for since the last retain(): a compile running meanwhile
-        # (for a snapshot not yet current) must not lose them.
-        self._touched: set[str] = set()
+        # What was asked for since the last pruning (URLs, route ids, new breakers): a compile
+        # running meanwhile (for a snapshot not yet current) must not lose it.
+        self._touched_urls: set[str] = set()
+        self._touched_routes: set[str] = set()
+        self._touched_breakers: set[tuple[str, BreakerConfig]] = set()
+        # How many members of the held pools name each URL and breaker, and the held pools'
+        # route ids; event loop only.
+        self._held_urls: dict[str, int] = {}
+        self._held_breakers: dict[tuple[str, BreakerConfig], int] = {}
+        self._held_routes: set[str] = set()
+        # Keys no held pool names any more, and keys kept by the last pruning although no held
+        # pool names them (asked for meanwhile): the only ones a pruning has to look at.
+        self._loose_urls: set[str] = set()
+        self._loose_breakers: set[tuple[str, BreakerConfig]] = set()
+        self._loose_routes: set[str] = set()
 
     def endpoint(self, url: str) -> Endpoint:
         with self._lock:
-            self._touched.add(url)
+            self._touched_urls.add(url)
             endpoint = self.endpoints.get(url)
             if endpoint is None:
                 endpoint = self.endpoints[url] = Endpoint(url)
@@ -76,7 +91,8 @@ class Registry:
             return self._breaker(url, config)
 
     def _breaker(self, url: str, config: BreakerConfig) -> Breaker:
-        breaker = self.breakers.get((url, config))
+        key = (url, config)
+        breaker = self.breakers.get(key)
         if breaker is None:
             state = metrics.BREAKER_STATE.labels(url)
             state.set(0)
@@ -85,34 +101,96 @@ class Registry:
                 state.set(new)
                 metrics.BREAKER_TRANSITIONS.labels(url, ("closed", "half_open", "open")[new]).inc()
 
-            breaker = self.breakers[(url, config)] = Breaker(config, changed)
+            breaker = self.breakers[key] = Breaker(config, changed)
+            self._touched_breakers.add(key)
         return breaker
 
     def budget(self, route_id: str) -> RetryBudget:
         with self._lock:
-            self._touched.add(route_id)
+            self._touched_routes.add(route_id)
             budget = self.budgets.get(route_id)
             if budget is None:
                 budget = self.budgets[route_id] = RetryBudget()
             return budget
 
-    def retain(self, pools: Iterable[RoutePool]) -> None:
-        """Forget state no pool in ``pools`` (the current snapshot's) refers to and no compile
-        asked for since the previous call."""
-        urls: set[str] = set()
-        breakers: set[tuple[str, BreakerConfig]] = set()
-        routes: set[str] = set()
-        for pool in pools:
-            routes.add(pool.route_id)
-            for member in pool.members:
-                urls.add(member.endpoint.url)
-                if member.breaker is not None:
-                    breakers.add((member.endpoint.url, member.breaker.config))
+    # -- following the current snapshot (event loop) ----------------------------------------
+
+    def hold(self, pool: RoutePool) -> None:
+        """``pool`` is part of the current snapshot: keep what it names."""
+        self._held_routes.add(pool.route_id)
+        urls, breakers = self._held_urls, self._held_breakers
+        for member in pool.members:
+            url = member.endpoint.url
+            urls[url] = urls.get(url, 0) + 1
+            if member.breaker is not None:
+                key = (url, member.breaker.config)
+                breakers[key] = breakers.get(key, 0) + 1
+
+    def release(self, pool: RoutePool) -> None:
+        """``pool`` (held before) is no longer part of the current snapshot."""
+        self._held_routes.discard(pool.route_id)
+        self._loose_routes.add(pool.route_id)
+        urls, breakers = self._held_urls, self._held_breakers
+        for member in pool.members:
+            url = member.endpoint.url
+            left = urls[url] - 1
+            if left:
+                urls[url] = left
+            else:
+                del urls[url]
+                self._loose_urls.add(url)
+            if member.breaker is not None:
+                key = (url, member.breaker.config)
+                left = breakers[key] - 1
+                if left:
+                    breakers[key] = left
+                else:
+                    del breakers[key]
+                    self._loose_breakers.add(key)
+
+    def pruning(self, step: int = 256) -> Generator[None, None, None]:
+        """Forget state no held pool refers to and no compile asked for since the previous
+        pruning; yields every ``step`` keys looked at (only the loose and the asked-for ones)."""
         with self._lock:
-            touched, self._touched = self._touched, set()
-            self.endpoints = {url: e for url, e in self.endpoints.items() if url in urls or url in touched}
-            self.breakers = {k: b for k, b in self.breakers.items() if k in breakers or k[0] in touched}
-            self.budgets = {rid: b for rid, b in self.budgets.items() if rid in routes or rid in touched}
+            urls, self._touched_urls = self._touched_urls, set()
+            routes, self._touched_routes = self._touched_routes, set()
+            new_breakers, self._touched_breakers = self._touched_breakers, set()
+        loose_urls, self._loose_urls = self._loose_urls | urls, set()
+        loose_breakers, self._loose_breakers = self._loose_breakers | new_breakers, set()
+        loose_routes, self._loose_routes = self._loose_routes | routes, set()
+        # Asked for since the sets were swapped: kept too (and looked at again next time).
+        asked_urls, asked_routes = self._touched_urls, self._touched_routes
+        seen = 0
+        for url in loose_urls:
+            if url not in self._held_urls:
+                with self._lock:
+                    if url in urls or url in asked_urls:
+                        self._loose_urls.add(url)
+                    else:
+                        self.endpoints.pop(url, None)
+            seen += 1
+            if seen % step == 0:
+                yield
+        for key in loose_breakers:
+            if key not in self._held_breakers:
+                with self._lock:
+                    if key[0] in urls or key[0] in asked_urls:
+                        self._loose_breakers.add(key)
+                    else:
+                        self.breakers.pop(key, None)
+            seen += 1
+            if seen % step == 0:
+                yield
+        for route_id in loose_routes:
+            if route_id not in self._held_routes:
+                with self._lock:
+                    if route_id in routes or route_id in asked_routes:
+                        self._loose_routes.add(route_id)
+                    else:
+                        self.budgets.pop(route_id, None)
+            seen += 1
+            if seen % step == 0:
+                yield
 
 
 # The default registry of this process. Each data plane worker is its own process, so this is
@@ -153,6 +231,7 @@ class RoutePool:
         "members",
         "retries",
         "route_id",
+        "state",
         "timeout",
         "timeout_s",
     )
@@ -170,6 +249,9 @@ class RoutePool:
                 for u in route.upstreams
             ]
         )
+        # The target state this pool uses: a pool of the next snapshot with the same (and the
+        # same health check) needs no bookkeeping when it replaces this one.
+        self.state = tuple([(m.endpoint, m.breaker) for m in self.members])
         weights = [m.weight for m in self.members]
         # What consistent hashing keys on: "tenant", "ip" or "header" (+ hash_header); "" otherwise.
         self.hash_on, self.hash_header = "", ""
