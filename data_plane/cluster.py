@@ -1,11 +1,12 @@
 """The Watch client: keeps this worker's snapshot in step with the control plane.
 
 It connects with the cluster token (over TLS when ``CLUSTER_TLS_CA`` is set), says which
-version it has, and applies each update it receives: a full snapshot, validated whole, or a
-delta on the version it holds. Parsing, validation and compiling run in a worker thread, so
-requests keep being served while a large snapshot applies; the result is swapped in by one
-reference assignment and ACKed. An update that fails validation is NACKed with the reason
-and the old snapshot keeps serving; a delta on another base asks for a full snapshot
+version it has and the config epoch that version counts in, and applies each update it
+receives: a full snapshot, validated whole, or a delta on the version it holds, of the same
+epoch. Parsing, validation and compiling run in a worker thread, so requests keep being
+served while a large snapshot applies; the result is swapped in by one reference assignment
+and ACKed. An update that fails validation is NACKed with the reason and the old snapshot
+keeps serving; a delta on another base or of another epoch asks for a full snapshot
 (``Nack.resync``). When the stream breaks, it reconnects with jittered exponential backoff
 and resumes from the version it has.
 """
@@ -261,12 +262,15 @@ class ConfigClient:
                 response_deserializer=None,
             )
             call = watch(metadata=self._metadata)
-            have = self._holder.current.version if self._holder.current is not None else 0
+            held = self._holder.current
             await _send(
                 call,
                 cluster_pb2.WatchRequest(
                     hello=cluster_pb2.Hello(
-                        node_id=self._node_id, last_version=have, software_version=shared.__version__
+                        node_id=self._node_id,
+                        last_version=held.version if held is not None else 0,
+                        last_epoch=held.objects.epoch if held is not None else "",
+                        software_version=shared.__version__,
                     )
                 ),
             )

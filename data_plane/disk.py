@@ -5,7 +5,9 @@ Two files: ``snapshot.pb``, a whole snapshot, and ``snapshot.journal``, the delt
 since, each a length-prefixed ``SnapshotDelta``. A full snapshot replaces both (temporary
 file, fsync, rename; the journal goes); a delta is appended and fsynced, so a change costs a
 few bytes of I/O, not the whole config. When the journal outgrows the snapshot, the owner
-writes a whole snapshot again.
+writes a whole snapshot again. Both keep the config epoch (the snapshot's ``epoch``, each
+delta's ``upserts.epoch``), so a restarted node says in its Hello which database's history
+its version counts in, and a journalled delta of another epoch is not replayed.
 
 The files hold key hashes and signing keys: mode 0600 in a directory of mode 0700, never
 readable by other users. Everything here blocks: call it off the event loop.

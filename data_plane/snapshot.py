@@ -75,6 +75,8 @@ class Objects:
     # hashes unique without scanning every key.
     keys_by_tenant: ShardMap[str, tuple[str, ...]] = field(repr=False)
     key_by_hash: ShardMap[bytes, str] = field(repr=False)
+    # The config epoch the version counts in (shared/snapshot.py); "": unknown.
+    epoch: str = ""
 
     @classmethod
     def of(cls, snap: model.Snapshot) -> Objects:
@@ -107,6 +109,7 @@ class Objects:
             signing_keys={k.kid: k for k in snap.signing_keys},
             keys_by_tenant=by_tenant,
             key_by_hash=key_by_hash,
+            epoch=snap.epoch,
         )
 
     def identity(self) -> model.Snapshot:
@@ -127,6 +130,7 @@ class Objects:
         return model.Snapshot(
             version=self.version,
             built_at_ms=self.built_at_ms,
+            epoch=self.epoch,
             tenants=tuple(self.tenants.values()),
             api_keys=tuple(self.api_keys.values()),
             routes=tuple(self.routes.values()),
@@ -166,6 +170,7 @@ def decoding(data: bytes | memoryview) -> Steps[Objects]:
     snap = model.Snapshot(
         version=max((p.version for p in parts), default=0),
         built_at_ms=max((p.built_at_ms for p in parts), default=0),
+        epoch=next((p.epoch for p in parts if p.epoch), ""),
         **every,
     )
     while parts:  # a piece at a time: freeing them is work too
@@ -238,6 +243,9 @@ def apply_delta(base: Objects, delta: cluster_pb2.SnapshotDelta) -> tuple[Object
     ``InvalidSnapshot`` and then nothing is changed."""
     if delta.from_version != base.version:
         raise StaleBase(f"delta from version {delta.from_version}, but version {base.version} is held")
+    if delta.upserts.epoch != base.epoch:
+        # Equal version numbers of two databases: the delta's base is not this snapshot.
+        raise StaleBase(f"delta of config epoch {delta.upserts.epoch!r}, but epoch {base.epoch!r} is held")
     ups = model.decode(delta.upserts)
     if ups.version <= base.version:
         raise InvalidSnapshot(f"delta to version {ups.version} does not move past {base.version}")
@@ -314,6 +322,7 @@ def apply_delta(base: Objects, delta: cluster_pb2.SnapshotDelta) -> tuple[Object
         signing_keys=signing,
         keys_by_tenant=keys_by_tenant,
         key_by_hash=key_by_hash,
+        epoch=base.epoch,
     )
     changes = Changes(
         tenants=frozenset(delta.removed_tenants) | {t.id for t in ups.tenants},

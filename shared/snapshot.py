@@ -183,6 +183,8 @@ class Snapshot:
     jwt_issuers: tuple[JwtIssuer, ...] = ()
     oauth_clients: tuple[OAuthClient, ...] = ()
     signing_keys: tuple[SigningKey, ...] = ()
+    # The database's config epoch (see proto/tenantgate/v1/snapshot.proto); "": unknown.
+    epoch: str = ""
 
 
 def now_ms() -> int:
@@ -193,6 +195,7 @@ def to_proto(snap: Snapshot) -> pb.Snapshot:
     return pb.Snapshot(
         version=snap.version,
         built_at_ms=snap.built_at_ms,
+        epoch=snap.epoch,
         jwt_issuers=[
             idpb.JwtIssuer(
                 id=i.id,
@@ -334,6 +337,7 @@ def decode(msg: pb.Snapshot) -> Snapshot:
     return Snapshot(
         version=msg.version,
         built_at_ms=msg.built_at_ms,
+        epoch=msg.epoch,
         jwt_issuers=tuple(
             JwtIssuer(
                 id=i.id,
@@ -544,6 +548,8 @@ def _validate_identity(snap: Snapshot, tenant_ids: set[str]) -> None:
 # validation() yields after this many tenants or keys, or a fiftieth as many routes.
 VALIDATION_STEP: Final = 500
 _SEEN_SHARDS: Final = 256
+# A config epoch is a UUID's text (36 characters); anything much longer is not one.
+MAX_EPOCH_LENGTH: Final = 64
 
 
 def validate(snap: Snapshot) -> None:
@@ -557,6 +563,8 @@ def validation(snap: Snapshot) -> Iterator[None]:
     caller can validate a large snapshot a little at a time."""
     if snap.version <= 0:
         raise InvalidSnapshot("version must be positive")
+    if len(snap.epoch) > MAX_EPOCH_LENGTH:
+        raise InvalidSnapshot(f"epoch longer than {MAX_EPOCH_LENGTH} characters")
     tenant_ids: set[str] = set()
     for n, t in enumerate(snap.tenants, 1):
         if not n % VALIDATION_STEP:

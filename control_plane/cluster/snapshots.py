@@ -60,6 +60,7 @@ KINDS: Final = ("tenants", "api_keys", "routes", "jwt_issuers", "oauth_clients",
 _FIELD_NUMBERS: Final = {kind: pb.Snapshot.DESCRIPTOR.fields_by_name[kind].number for kind in KINDS}
 _VERSION_TAG: Final = bytes([pb.Snapshot.DESCRIPTOR.fields_by_name["version"].number << 3])
 _BUILT_AT_TAG: Final = bytes([pb.Snapshot.DESCRIPTOR.fields_by_name["built_at_ms"].number << 3])
+_EPOCH_FIELD: Final = pb.Snapshot.DESCRIPTOR.fields_by_name["epoch"].number
 _UPDATE_SNAPSHOT_FIELD: Final = cluster_pb2.ConfigUpdate.DESCRIPTOR.fields_by_name["snapshot"].number
 
 
@@ -94,6 +95,8 @@ class Catalog:
     route_seq: dict[str, int]
     # No route of this catalog, nor any removed before it, has a greater seq.
     seq_bound: int
+    # The database's config epoch: versions of different epochs are unrelated.
+    epoch: str = ""
 
     def counts(self) -> dict[str, int]:
         return {kind: len(self.entries[kind]) for kind in KINDS}
@@ -106,6 +109,9 @@ class Catalog:
             _BUILT_AT_TAG,
             _varint(self.built_at_ms),
         ]
+        if self.epoch:
+            epoch = self.epoch.encode()
+            parts += [_length_prefix(_EPOCH_FIELD, len(epoch)), epoch]
         for kind in KINDS:
             parts.extend(self.entries[kind].values())
         size = sum(len(p) for p in parts)
@@ -128,6 +134,10 @@ class Published:
     def version(self) -> int:
         return self.catalog.version
 
+    @property
+    def epoch(self) -> str:
+        return self.catalog.epoch
+
     def full(self) -> bytes:
         if self._full is None:
             self._full = self.catalog.full_update()
@@ -144,6 +154,7 @@ def _encode(
         model.Snapshot(
             version=version,
             built_at_ms=built_at_ms,
+            epoch=rows.epoch,
             tenants=_live(rows.tenants.values()),
             api_keys=_live(rows.api_keys.values()),
             routes=tuple(r for _, r in routes),
@@ -200,14 +211,17 @@ def _rows_by_kind(rows: config_store.ConfigRows) -> dict[str, Mapping[str, objec
 
 def build(previous: Catalog | None, rows: config_store.ConfigRows) -> Published:
     """The next version from the last one and what changed (or everything). CPU-bound for a
-    full read of a large config: the cache runs it in a thread."""
+    full read of a large config: the cache runs it in a thread. Rows of another epoch than
+    ``previous`` are another database's: built afresh, as a version no delta leads to."""
     started = time.perf_counter()
+    if previous is not None and previous.epoch != rows.epoch:
+        previous = None
     built_at_ms = model.now_ms()
     partial, fresh = _encode(rows, rows.version, built_at_ms)
     route_seq = {rid: v[0] for rid, v in rows.routes.items() if v is not None}
     if previous is None:
         tables = {kind: _table(kind, fresh[kind]) for kind in KINDS}
-        catalog = Catalog(rows.version, built_at_ms, tables, route_seq, max(route_seq.values(), default=0))
+        catalog = Catalog(rows.version, built_at_ms, tables, route_seq, max(route_seq.values(), default=0), rows.epoch)
         return Published(catalog, 0, None, (time.perf_counter() - started) * 1000)
 
     # Everything below costs what changed, except a full read (compared object by object)
@@ -230,7 +244,7 @@ def build(previous: Catalog | None, rows: config_store.ConfigRows) -> Published:
         entries[kind] = merged
 
     if not rows.full and not rows.routes:
-        catalog = Catalog(rows.version, built_at_ms, entries, previous.route_seq, previous.seq_bound)
+        catalog = Catalog(rows.version, built_at_ms, entries, previous.route_seq, previous.seq_bound, rows.epoch)
         delta = _delta(previous.version, partial, changed, removed, []) if _small(changed, removed) else None
         return Published(catalog, previous.version, delta, (time.perf_counter() - started) * 1000)
 
@@ -259,7 +273,7 @@ def build(previous: Catalog | None, rows: config_store.ConfigRows) -> Published:
         in_order = in_order and kept == [oid for oid in entries["routes"] if oid in previous.entries["routes"]]
 
     bound = max(previous.seq_bound, max(route_seq.values(), default=0))
-    catalog = Catalog(rows.version, built_at_ms, entries, seqs, bound)
+    catalog = Catalog(rows.version, built_at_ms, entries, seqs, bound, rows.epoch)
     small = in_order and _small(changed, removed)
     ordered_delta = _delta(previous.version, partial, changed, removed, added) if small else None
     return Published(catalog, previous.version, ordered_delta, (time.perf_counter() - started) * 1000)
@@ -278,7 +292,7 @@ def _delta(
     added_routes: list[str],
 ) -> bytes:
     """Serialise the delta: only objects whose encoding changed; new routes last, in order."""
-    upserts = pb.Snapshot(version=partial.version, built_at_ms=partial.built_at_ms)
+    upserts = pb.Snapshot(version=partial.version, built_at_ms=partial.built_at_ms, epoch=partial.epoch)
     for kind in KINDS:
         wanted = changed[kind]
         if not wanted:
@@ -336,10 +350,16 @@ class SnapshotCache:
             await asyncio.gather(self._task, return_exceptions=True)
         await self._close_listener()
 
-    async def wait_newer(self, version: int) -> Published:
-        """Return the current snapshot as soon as its version is greater than ``version``."""
+    async def wait_newer(self, version: int, epoch: str | None = None) -> Published:
+        """Return the current snapshot as soon as its version is greater than ``version``, or
+        (given ``epoch``) as soon as it is of another epoch, whatever its version."""
+
+        def newer() -> bool:
+            current = self._current
+            return current is not None and (current.version > version or (epoch is not None and current.epoch != epoch))
+
         async with self._changed:
-            await self._changed.wait_for(lambda: self._current is not None and self._current.version > version)
+            await self._changed.wait_for(newer)
             assert self._current is not None
             return self._current
 
@@ -380,10 +400,17 @@ class SnapshotCache:
         previous = self._current
         have = previous.version if previous is not None else 0
         started = time.perf_counter()
-        rows = None if previous is None else await config_store.load_changes(self._db, have)
+        rows = None if previous is None else await config_store.load_changes(self._db, have, previous.epoch)
         if rows is None:
             rows = await config_store.load_rows(self._db)
-        if rows.version <= have:
+        if previous is not None and rows.epoch != previous.epoch:
+            # Another database (or this one restored and given a new epoch): its versions are
+            # another history, so whatever its number this one replaces ours whole.
+            log.warning(
+                "the config epoch changed; publishing the whole config",
+                extra={"epoch": rows.epoch, "previous_epoch": previous.epoch, "config_version": rows.version},
+            )
+        elif rows.version <= have:
             return
         read_ms = (time.perf_counter() - started) * 1000
         with metrics.SNAPSHOT_BUILD_SECONDS.time():

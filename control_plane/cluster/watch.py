@@ -5,8 +5,14 @@ the current version (the recent deltas when they reach back to it, else one full
 then every newer version as a delta. A NACKed version is never resent; the next newer
 version is, as a full snapshot (the node's base is then the version before the NACKed one).
 A node that finds a delta on the wrong base asks for a resync and gets the full snapshot.
-A node ahead of this replica for longer than a replica needs to catch up holds another
-database's version (one restored from an older backup, or recreated): it gets ours whole.
+
+A version counts in one database's history, named by its config epoch: a node whose Hello
+names another epoch than the current snapshot's (or none: a node that holds nothing, or
+older software) is sent the whole config whatever the version numbers say, and so is every
+node when the epoch changes under a running replica. A node of this epoch ahead of this
+replica for longer than a replica needs to catch up holds a version of this database the
+database no longer has (restored from an older backup whose epoch was not changed, see
+docs/operations.md): it gets ours whole too.
 
 Per-node state lives in :class:`NodeRegistry`, which writes it to Postgres (on Hello, ACK,
 NACK, disconnect, and a heartbeat) so that every replica can answer ``GET /admin/nodes``.
@@ -60,8 +66,9 @@ SERVER_OPTIONS: Final = [
 ]
 # How often each replica rewrites its connected nodes' last_seen, and forgets long-gone nodes.
 HEARTBEAT_S: Final = 5.0
-# A node ahead of this replica's config for longer than this holds another database's
-# version: it gets the whole config. Twice the builder's safety-net poll.
+# A node of this epoch ahead of this replica's config for longer than this holds a version
+# the database lost (restored from a backup): it gets the whole config. Twice the builder's
+# safety-net poll.
 AHEAD_GRACE_S: Final = 10.0
 PRUNE_AFTER_S: Final = 24 * 3600.0
 PRUNE_INTERVAL_S: Final = 600.0
@@ -112,8 +119,14 @@ class NodeRegistry:
         self._store_failing = False
         self._last_store_warning = float("-inf")
 
-    def connect(self, hello: cluster_pb2.Hello, address: str) -> NodeState:
-        node = NodeState(hello.node_id, address, hello.software_version, acked_version=hello.last_version)
+    def connect(self, hello: cluster_pb2.Hello, address: str, epoch: str | None = None) -> NodeState:
+        """Record a node that said Hello. Its last_version counts as acknowledged only when
+        its last_epoch is ``epoch`` (the current config's; None: not known yet): a version of
+        another database says nothing about this config."""
+        same = epoch is not None and hello.last_epoch == epoch
+        node = NodeState(
+            hello.node_id, address, hello.software_version, acked_version=hello.last_version if same else 0
+        )
         self.nodes[hello.node_id] = node
         metrics.CONNECTED_NODES.set(len(self.nodes))
         self.changed(node)
@@ -236,14 +249,20 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello received")
         if first is aio.EOF or not first.HasField("hello") or not first.hello.node_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a Hello")
-        node = self._registry.connect(first.hello, context.peer())
+        current = self._cache.current
+        node = self._registry.connect(first.hello, context.peer(), None if current is None else current.epoch)
         # Headers now tell the node it is accepted, even if it is up to date and no snapshot follows.
         await context.send_initial_metadata(((ACCEPTED_HEADER, "1"),))
         log.info(
             "data plane connected",
-            extra={"node_id": node.node_id, "peer": node.address, "last_version": node.acked_version},
+            extra={
+                "node_id": node.node_id,
+                "peer": node.address,
+                "last_version": first.hello.last_version,
+                "last_epoch": first.hello.last_epoch,
+            },
         )
-        stream = _Stream(node)
+        stream = _Stream(node, epoch=first.hello.last_epoch)
         reader = asyncio.create_task(self._read_acks(context, stream))
         try:
             await self._send_updates(context, stream, reader)
@@ -265,7 +284,21 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
         node = stream.node
         while not reader.done():
             current = self._cache.current
-            if current is not None and self._foreign(stream, current.version):
+            if current is not None and stream.epoch != current.epoch:
+                # Another database's config, or one from before the epoch (""): its version
+                # number means nothing here.
+                if stream.epoch:
+                    log.warning(
+                        "data plane holds another config epoch; sending the whole config",
+                        extra={"node_id": node.node_id, "node_epoch": stream.epoch, "epoch": current.epoch},
+                    )
+                stream.base, stream.full_needed, stream.ahead_since = 0, True, None
+                stream.epoch = current.epoch
+                # Not synced with this config until it ACKs it; a version it refused was
+                # another history's.
+                node.acked_version = node.nacked_version = 0
+                self._registry.changed(node)
+            elif current is not None and self._foreign(stream, current.version):
                 log.warning(
                     "data plane holds a version this config never reached; sending the whole config",
                     extra={"node_id": node.node_id, "node_version": stream.base, "config_version": current.version},
@@ -283,7 +316,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
                 metrics.UPDATES_SENT.labels("full" if full else "delta").inc(len(payloads))
                 continue
             seen = current.version if current is not None else 0
-            newer = asyncio.ensure_future(self._cache.wait_newer(seen))
+            newer = asyncio.ensure_future(self._cache.wait_newer(seen, current.epoch if current is not None else None))
             woken = asyncio.ensure_future(stream.wake.wait())
             ahead = stream.ahead_since is not None
             await asyncio.wait(
@@ -345,12 +378,14 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
 
 @dataclass(slots=True)
 class _Stream:
-    """One Watch stream's view of its node: the version the node holds once it applies what
-    was sent (``base``), and whether the next update must be a full snapshot."""
+    """One Watch stream's view of its node: the version and epoch the node holds once it
+    applies what was sent (``base``, ``epoch``), and whether the next update must be a full
+    snapshot."""
 
     node: NodeState
     base: int = 0
     full_needed: bool = False
+    epoch: str = ""
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     # Since when the node has held a version newer than this replica's (see _foreign).
     ahead_since: float | None = None

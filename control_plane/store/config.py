@@ -49,7 +49,8 @@ class ConfigRows:
 
     ``full``: every live object (a whole snapshot). Otherwise only the objects changed since
     the version asked for, with ``None`` for those gone from the snapshot (deleted, revoked,
-    retired or deactivated). Routes come with their ``seq``: their order in the snapshot."""
+    retired or deactivated). Routes come with their ``seq``: their order in the snapshot.
+    ``epoch``: the database's config epoch (migration 0008) the version counts in."""
 
     version: int
     full: bool
@@ -59,6 +60,7 @@ class ConfigRows:
     jwt_issuers: dict[str, model.JwtIssuer | None]
     oauth_clients: dict[str, model.OAuthClient | None]
     signing_keys: dict[str, model.SigningKey | None]
+    epoch: str = ""
 
     @property
     def changed(self) -> int:
@@ -81,6 +83,7 @@ async def load_snapshot(db: Database) -> model.Snapshot:
     rows = await load_rows(db)
     return model.Snapshot(
         version=rows.version,
+        epoch=rows.epoch,
         built_at_ms=model.now_ms(),
         tenants=tuple(t for t in rows.tenants.values() if t is not None),
         api_keys=tuple(k for k in rows.api_keys.values() if k is not None),
@@ -94,18 +97,22 @@ async def load_snapshot(db: Database) -> model.Snapshot:
 async def load_rows(db: Database) -> ConfigRows:
     """Every live snapshot object at the current version (one repeatable-read transaction)."""
     async with db.transaction(isolation="repeatable_read") as conn:
-        version: int = await conn.fetchval("SELECT version FROM config_version WHERE id = 1")
-        return await _read(conn, version, None)
+        row = await conn.fetchrow("SELECT version, epoch FROM config_version WHERE id = 1")
+        return await _read(conn, row["version"], None, row["epoch"])
 
 
-async def load_changes(db: Database, since: int) -> ConfigRows | None:
-    """The objects changed after version ``since``, read at the current version; None when
-    the change log no longer reaches back that far (or so much changed that a full read
-    is cheaper): then call :func:`load_rows`."""
+async def load_changes(db: Database, since: int, epoch: str) -> ConfigRows | None:
+    """The objects changed after version ``since`` of ``epoch``, read at the current version;
+    None when the database's epoch is another (its versions are another history), when the
+    change log no longer reaches back that far, or when so much changed that a full read is
+    cheaper: then call :func:`load_rows`."""
     async with db.transaction(isolation="repeatable_read") as conn:
-        version: int = await conn.fetchval("SELECT version FROM config_version WHERE id = 1")
+        row = await conn.fetchrow("SELECT version, epoch FROM config_version WHERE id = 1")
+        version: int = row["version"]
+        if row["epoch"] != epoch:
+            return None
         if version <= since:
-            return ConfigRows(version, False, {}, {}, {}, {}, {}, {})
+            return ConfigRows(version, False, {}, {}, {}, {}, {}, {}, epoch)
         pruned: int = await conn.fetchval("SELECT version FROM config_changes_pruned WHERE id = 1")
         if pruned > since:
             return None
@@ -119,7 +126,7 @@ async def load_changes(db: Database, since: int) -> ConfigRows | None:
         for row in changes:
             if row["kind"] in ids:
                 ids[row["kind"]].append(row["object_id"])
-        return await _read(conn, version, ids)
+        return await _read(conn, version, ids, epoch)
 
 
 async def prune_changes(db: Database, older_than_s: float) -> None:
@@ -141,7 +148,7 @@ def _where(live: str, key: str, cast: str, ids: list[str] | None) -> tuple[str, 
     return f"WHERE {live} AND {key} = ANY($1::{cast}[])", (ids,)
 
 
-async def _read(conn: asyncpg.Connection, version: int, ids: dict[str, list[str]] | None) -> ConfigRows:
+async def _read(conn: asyncpg.Connection, version: int, ids: dict[str, list[str]] | None, epoch: str) -> ConfigRows:
     """Read the live objects (all, or those named in ``ids`` by kind); a named object that is
     not live comes back as None."""
     from control_plane.store import routes  # routes imports bump_version from here
@@ -239,6 +246,7 @@ async def _read(conn: asyncpg.Connection, version: int, ids: dict[str, list[str]
             for r in client_rows
         },
         signing_keys=gone("signing_key") | {r["kid"]: model.SigningKey(**dict(r)) for r in signing_rows},
+        epoch=epoch,
     )
 
 

@@ -4,6 +4,7 @@ deltas that bring a node exactly to the snapshot it would get whole."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 
 import pytest
@@ -167,3 +168,47 @@ def test_a_change_of_many_objects_is_published_whole(monkeypatch: pytest.MonkeyP
     many = build(few.catalog, rows(7, False, tenants={f"t9{i}": tenant(90 + i) for i in range(4)}))
     assert few.delta is not None and many.delta is None
     assert sorted(t.id for t in snapshot_of(many).snapshot.tenants) == ["t0", "t1", "t2", "t90", "t91", "t92", "t93"]
+
+
+def with_epoch(config: ConfigRows, epoch: str) -> ConfigRows:
+    return dataclasses.replace(config, epoch=epoch)
+
+
+def test_every_update_carries_the_config_epoch() -> None:
+    v5 = build(None, with_epoch(rows(5, True, tenants={"t0": tenant(0)}, routes={"r0": (0, route(0))}), "epoch-a"))
+    whole = snapshot_of(v5).snapshot
+    assert (whole.version, whole.epoch) == (5, "epoch-a")
+    assert by_id(whole) == by_id(model.to_proto(dataclasses.replace(model.decode(whole), epoch="epoch-a")))
+    v6 = build(v5.catalog, with_epoch(rows(6, False, tenants={"t1": tenant(1)}), "epoch-a"))
+    assert v6.delta is not None
+    upserts = cluster_pb2.ConfigUpdate.FromString(v6.delta).delta.upserts
+    assert (upserts.version, upserts.epoch) == (6, "epoch-a")
+
+
+def test_rows_of_another_epoch_are_never_a_delta_of_the_last_version() -> None:
+    """Another database's rows (recreated, or restored and given a new epoch): its versions are
+    another history, so the version built from them is sent whole, never as a delta."""
+    a = build(None, with_epoch(rows(5, True, tenants={"t0": tenant(0)}), "epoch-a"))
+    b = build(a.catalog, with_epoch(rows(6, True, tenants={"t0": tenant(0), "t1": tenant(1)}), "epoch-b"))
+    assert (b.delta, b.from_version, b.epoch) == (None, 0, "epoch-b")
+    whole = snapshot_of(b).snapshot
+    assert (whole.epoch, sorted(t.id for t in whole.tenants)) == ("epoch-b", ["t0", "t1"])
+
+
+def test_a_new_epoch_wakes_watchers_whatever_its_version() -> None:
+    from control_plane.cluster.snapshots import SnapshotCache
+
+    cache = SnapshotCache(db=None)  # type: ignore[arg-type]
+    a = build(None, with_epoch(rows(5, True, tenants={"t0": tenant(0)}), "epoch-a"))
+    b = build(a.catalog, with_epoch(rows(3, True, tenants={"t1": tenant(1)}), "epoch-b"))
+
+    async def run() -> str:
+        await cache._publish(a)
+        waiting = asyncio.ensure_future(cache.wait_newer(5, "epoch-a"))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        await cache._publish(b)
+        async with asyncio.timeout(5):
+            return (await waiting).epoch
+
+    assert asyncio.run(run()) == "epoch-b"

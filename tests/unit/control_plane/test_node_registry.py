@@ -37,3 +37,19 @@ async def test_stop_right_after_a_disconnect_ends_the_writer(monkeypatch: pytest
     async with asyncio.timeout(5):
         await registry.stop()
     assert "-dp1" in writes
+
+
+@pytest.mark.parametrize(
+    ("node_epoch", "current_epoch", "acked"),
+    [("epoch-a", "epoch-a", 3), ("epoch-b", "epoch-a", 0), ("", "epoch-a", 0), ("epoch-a", None, 0)],
+    ids=["same-epoch", "other-epoch", "no-epoch", "config-not-built"],
+)
+async def test_a_version_of_another_epoch_does_not_count_as_acknowledged(
+    node_epoch: str, current_epoch: str | None, acked: int
+) -> None:
+    """/admin/nodes must not show a node synced because its version number, counted in another
+    database's history, equals this config's."""
+    registry = watch.NodeRegistry()
+    hello = cluster_pb2.Hello(node_id="dp1", last_version=3, last_epoch=node_epoch)
+    node = registry.connect(hello, "ipv4:127.0.0.1:1", current_epoch)
+    assert node.acked_version == acked

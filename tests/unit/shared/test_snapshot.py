@@ -333,3 +333,11 @@ def test_snapshot_model_is_frozen() -> None:
     snap = _snapshot()
     with pytest.raises(dataclasses.FrozenInstanceError):
         snap.version = 8  # type: ignore[misc]
+
+
+def test_the_config_epoch_round_trips_and_is_bounded() -> None:
+    snap = dataclasses.replace(_snapshot(), epoch="0b6c8f5e-2f43-4c3b-9a3e-7d1f1b0e5a11")
+    assert _round_trip(snap) == snap
+    assert model.to_proto(snap).epoch == snap.epoch
+    assert model.to_proto(_snapshot()).epoch == ""  # unknown: every node takes it whole
+    _assert_invalid(dataclasses.replace(snap, epoch="e" * 65), "epoch longer than 64 characters")

@@ -9,14 +9,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("node_id", "last_version", "software_version")
+    __slots__ = ("node_id", "last_version", "software_version", "last_epoch")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_VERSION_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAST_EPOCH_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     last_version: int
     software_version: str
-    def __init__(self, node_id: _Optional[str] = ..., last_version: _Optional[int] = ..., software_version: _Optional[str] = ...) -> None: ...
+    last_epoch: str
+    def __init__(self, node_id: _Optional[str] = ..., last_version: _Optional[int] = ..., software_version: _Optional[str] = ..., last_epoch: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("version",)

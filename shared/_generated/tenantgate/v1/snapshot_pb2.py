@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from shared._generated.tenantgate.v1 import identity_pb2 as tenantgate_dot_v1_dot_identity__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctenantgate/v1/snapshot.proto\x12\rtenantgate.v1\x1a\x1ctenantgate/v1/identity.proto\"\xba\x02\n\x08Snapshot\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0b\x62uilt_at_ms\x18\x02 \x01(\x03\x12&\n\x07tenants\x18\x03 \x03(\x0b\x32\x15.tenantgate.v1.Tenant\x12\'\n\x08\x61pi_keys\x18\x04 \x03(\x0b\x32\x15.tenantgate.v1.ApiKey\x12$\n\x06routes\x18\x05 \x03(\x0b\x32\x14.tenantgate.v1.Route\x12-\n\x0bjwt_issuers\x18\n \x03(\x0b\x32\x18.tenantgate.v1.JwtIssuer\x12\x31\n\roauth_clients\x18\x0b \x03(\x0b\x32\x1a.tenantgate.v1.OAuthClient\x12/\n\x0csigning_keys\x18\x0c \x03(\x0b\x32\x19.tenantgate.v1.SigningKey\"\xaf\x01\n\x06Tenant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x1d\n\x15rate_limit_per_minute\x18\x04 \x01(\x03\x12\x1b\n\x13rate_limit_per_hour\x18\x05 \x01(\x03\x12\x15\n\rmonthly_quota\x18\x06 \x01(\x03\x12\x17\n\x0fmax_concurrency\x18\x07 \x01(\x03\x12\x11\n\tis_active\x18\x08 \x01(\x08\"9\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x10\n\x08key_hash\x18\x03 \x01(\x0c\"\'\n\x08Upstream\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\"\xe0\x04\n\x05Route\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07methods\x18\x03 \x03(\t\x12*\n\tupstreams\x18\x04 \x03(\x0b\x32\x17.tenantgate.v1.Upstream\x12\x15\n\rauth_required\x18\x05 \x01(\x08\x12\x12\n\nrate_limit\x18\x06 \x01(\x03\x12\x12\n\ntimeout_ms\x18\x07 \x01(\r\x12\x14\n\x0cstrip_prefix\x18\x08 \x01(\x08\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x16\n\x0eload_balancing\x18\n \x01(\t\x12\x0f\n\x07hash_on\x18\x0b \x01(\t\x12\x0c\n\x04host\x18\x0c \x01(\t\x12\x32\n\x07headers\x18\r \x03(\x0b\x32!.tenantgate.v1.Route.HeadersEntry\x12\x0f\n\x07tenants\x18\x0e \x03(\t\x12\r\n\x05tiers\x18\x0f \x03(\t\x12\x0e\n\x06scopes\x18\x10 \x03(\t\x12\x0f\n\x07retries\x18\x11 \x01(\r\x12\x11\n\twebsocket\x18\x12 \x01(\x08\x12\x16\n\x0emax_body_bytes\x18\x13 \x01(\x04\x12\x36\n\x0f\x63ircuit_breaker\x18\x14 \x01(\x0b\x32\x1d.tenantgate.v1.CircuitBreaker\x12\x30\n\x0chealth_check\x18\x15 \x01(\x0b\x32\x1a.tenantgate.v1.HealthCheck\x12\r\n\x05\x62urst\x18\x16 \x01(\r\x12\x19\n\x11rate_limit_shadow\x18\x17 \x01(\x08\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"z\n\x0e\x43ircuitBreaker\x12\x14\n\x0c\x66\x61ilure_rate\x18\x01 \x01(\x01\x12\x14\n\x0cmin_requests\x18\x02 \x01(\r\x12\x10\n\x08window_s\x18\x03 \x01(\r\x12\x0e\n\x06open_s\x18\x04 \x01(\r\x12\x1a\n\x12half_open_requests\x18\x05 \x01(\r\"S\n\x0bHealthCheck\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\ninterval_s\x18\x02 \x01(\r\x12\x0f\n\x07healthy\x18\x03 \x01(\r\x12\x11\n\tunhealthy\x18\x04 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctenantgate/v1/snapshot.proto\x12\rtenantgate.v1\x1a\x1ctenantgate/v1/identity.proto\"\xc9\x02\n\x08Snapshot\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0b\x62uilt_at_ms\x18\x02 \x01(\x03\x12&\n\x07tenants\x18\x03 \x03(\x0b\x32\x15.tenantgate.v1.Tenant\x12\'\n\x08\x61pi_keys\x18\x04 \x03(\x0b\x32\x15.tenantgate.v1.ApiKey\x12$\n\x06routes\x18\x05 \x03(\x0b\x32\x14.tenantgate.v1.Route\x12-\n\x0bjwt_issuers\x18\n \x03(\x0b\x32\x18.tenantgate.v1.JwtIssuer\x12\x31\n\roauth_clients\x18\x0b \x03(\x0b\x32\x1a.tenantgate.v1.OAuthClient\x12/\n\x0csigning_keys\x18\x0c \x03(\x0b\x32\x19.tenantgate.v1.SigningKey\x12\r\n\x05\x65poch\x18\r \x01(\t\"\xaf\x01\n\x06Tenant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x1d\n\x15rate_limit_per_minute\x18\x04 \x01(\x03\x12\x1b\n\x13rate_limit_per_hour\x18\x05 \x01(\x03\x12\x15\n\rmonthly_quota\x18\x06 \x01(\x03\x12\x17\n\x0fmax_concurrency\x18\x07 \x01(\x03\x12\x11\n\tis_active\x18\x08 \x01(\x08\"9\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x10\n\x08key_hash\x18\x03 \x01(\x0c\"\'\n\x08Upstream\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\"\xe0\x04\n\x05Route\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07methods\x18\x03 \x03(\t\x12*\n\tupstreams\x18\x04 \x03(\x0b\x32\x17.tenantgate.v1.Upstream\x12\x15\n\rauth_required\x18\x05 \x01(\x08\x12\x12\n\nrate_limit\x18\x06 \x01(\x03\x12\x12\n\ntimeout_ms\x18\x07 \x01(\r\x12\x14\n\x0cstrip_prefix\x18\x08 \x01(\x08\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x16\n\x0eload_balancing\x18\n \x01(\t\x12\x0f\n\x07hash_on\x18\x0b \x01(\t\x12\x0c\n\x04host\x18\x0c \x01(\t\x12\x32\n\x07headers\x18\r \x03(\x0b\x32!.tenantgate.v1.Route.HeadersEntry\x12\x0f\n\x07tenants\x18\x0e \x03(\t\x12\r\n\x05tiers\x18\x0f \x03(\t\x12\x0e\n\x06scopes\x18\x10 \x03(\t\x12\x0f\n\x07retries\x18\x11 \x01(\r\x12\x11\n\twebsocket\x18\x12 \x01(\x08\x12\x16\n\x0emax_body_bytes\x18\x13 \x01(\x04\x12\x36\n\x0f\x63ircuit_breaker\x18\x14 \x01(\x0b\x32\x1d.tenantgate.v1.CircuitBreaker\x12\x30\n\x0chealth_check\x18\x15 \x01(\x0b\x32\x1a.tenantgate.v1.HealthCheck\x12\r\n\x05\x62urst\x18\x16 \x01(\r\x12\x19\n\x11rate_limit_shadow\x18\x17 \x01(\x08\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"z\n\x0e\x43ircuitBreaker\x12\x14\n\x0c\x66\x61ilure_rate\x18\x01 \x01(\x01\x12\x14\n\x0cmin_requests\x18\x02 \x01(\r\x12\x10\n\x08window_s\x18\x03 \x01(\r\x12\x0e\n\x06open_s\x18\x04 \x01(\r\x12\x1a\n\x12half_open_requests\x18\x05 \x01(\r\"S\n\x0bHealthCheck\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\ninterval_s\x18\x02 \x01(\r\x12\x0f\n\x07healthy\x18\x03 \x01(\r\x12\x11\n\tunhealthy\x18\x04 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTE_HEADERSENTRY']._loaded_options = None
   _globals['_ROUTE_HEADERSENTRY']._serialized_options = b'8\001'
   _globals['_SNAPSHOT']._serialized_start=78
-  _globals['_SNAPSHOT']._serialized_end=392
-  _globals['_TENANT']._serialized_start=395
-  _globals['_TENANT']._serialized_end=570
-  _globals['_APIKEY']._serialized_start=572
-  _globals['_APIKEY']._serialized_end=629
-  _globals['_UPSTREAM']._serialized_start=631
-  _globals['_UPSTREAM']._serialized_end=670
-  _globals['_ROUTE']._serialized_start=673
-  _globals['_ROUTE']._serialized_end=1281
-  _globals['_ROUTE_HEADERSENTRY']._serialized_start=1235
-  _globals['_ROUTE_HEADERSENTRY']._serialized_end=1281
-  _globals['_CIRCUITBREAKER']._serialized_start=1283
-  _globals['_CIRCUITBREAKER']._serialized_end=1405
-  _globals['_HEALTHCHECK']._serialized_start=1407
-  _globals['_HEALTHCHECK']._serialized_end=1490
+  _globals['_SNAPSHOT']._serialized_end=407
+  _globals['_TENANT']._serialized_start=410
+  _globals['_TENANT']._serialized_end=585
+  _globals['_APIKEY']._serialized_start=587
+  _globals['_APIKEY']._serialized_end=644
+  _globals['_UPSTREAM']._serialized_start=646
+  _globals['_UPSTREAM']._serialized_end=685
+  _globals['_ROUTE']._serialized_start=688
+  _globals['_ROUTE']._serialized_end=1296
+  _globals['_ROUTE_HEADERSENTRY']._serialized_start=1250
+  _globals['_ROUTE_HEADERSENTRY']._serialized_end=1296
+  _globals['_CIRCUITBREAKER']._serialized_start=1298
+  _globals['_CIRCUITBREAKER']._serialized_end=1420
+  _globals['_HEALTHCHECK']._serialized_start=1422
+  _globals['_HEALTHCHECK']._serialized_end=1505
 # @@protoc_insertion_point(module_scope)

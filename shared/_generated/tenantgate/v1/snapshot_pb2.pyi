@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Snapshot(_message.Message):
-    __slots__ = ("version", "built_at_ms", "tenants", "api_keys", "routes", "jwt_issuers", "oauth_clients", "signing_keys")
+    __slots__ = ("version", "built_at_ms", "tenants", "api_keys", "routes", "jwt_issuers", "oauth_clients", "signing_keys", "epoch")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BUILT_AT_MS_FIELD_NUMBER: _ClassVar[int]
     TENANTS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class Snapshot(_message.Message):
     JWT_ISSUERS_FIELD_NUMBER: _ClassVar[int]
     OAUTH_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     SIGNING_KEYS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     version: int
     built_at_ms: int
     tenants: _containers.RepeatedCompositeFieldContainer[Tenant]
@@ -26,7 +27,8 @@ class Snapshot(_message.Message):
     jwt_issuers: _containers.RepeatedCompositeFieldContainer[_identity_pb2.JwtIssuer]
     oauth_clients: _containers.RepeatedCompositeFieldContainer[_identity_pb2.OAuthClient]
     signing_keys: _containers.RepeatedCompositeFieldContainer[_identity_pb2.SigningKey]
-    def __init__(self, version: _Optional[int] = ..., built_at_ms: _Optional[int] = ..., tenants: _Optional[_Iterable[_Union[Tenant, _Mapping]]] = ..., api_keys: _Optional[_Iterable[_Union[ApiKey, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., jwt_issuers: _Optional[_Iterable[_Union[_identity_pb2.JwtIssuer, _Mapping]]] = ..., oauth_clients: _Optional[_Iterable[_Union[_identity_pb2.OAuthClient, _Mapping]]] = ..., signing_keys: _Optional[_Iterable[_Union[_identity_pb2.SigningKey, _Mapping]]] = ...) -> None: ...
+    epoch: str
+    def __init__(self, version: _Optional[int] = ..., built_at_ms: _Optional[int] = ..., tenants: _Optional[_Iterable[_Union[Tenant, _Mapping]]] = ..., api_keys: _Optional[_Iterable[_Union[ApiKey, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., jwt_issuers: _Optional[_Iterable[_Union[_identity_pb2.JwtIssuer, _Mapping]]] = ..., oauth_clients: _Optional[_Iterable[_Union[_identity_pb2.OAuthClient, _Mapping]]] = ..., signing_keys: _Optional[_Iterable[_Union[_identity_pb2.SigningKey, _Mapping]]] = ..., epoch: _Optional[str] = ...) -> None: ...
 
 class Tenant(_message.Message):
     __slots__ = ("id", "name", "tier", "rate_limit_per_minute", "rate_limit_per_hour", "monthly_quota", "max_concurrency", "is_active")
