@@ -10,6 +10,7 @@ Set TENANTGATE_TEST_POSTGRES_URL / TENANTGATE_TEST_REDIS_URL to point the suite 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import random
@@ -80,15 +81,22 @@ async def _admin_execute(url: str, sql: str) -> None:
         await conn.close()
 
 
-@pytest.fixture
-def database_url(postgres_admin_url: str) -> Iterator[str]:
-    """A fresh, empty database for one test; dropped afterwards."""
+@contextlib.contextmanager
+def fresh_database(postgres_admin_url: str) -> Iterator[str]:
+    """A fresh, empty database beside the maintenance one; dropped on leaving."""
     name = f"tg_test_{uuid.uuid4().hex[:12]}"
     asyncio.run(_admin_execute(postgres_admin_url, f'CREATE DATABASE "{name}"'))
     try:
         yield _with_database(postgres_admin_url, name)
     finally:
         asyncio.run(_admin_execute(postgres_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def database_url(postgres_admin_url: str) -> Iterator[str]:
+    """A fresh, empty database for one test; dropped afterwards."""
+    with fresh_database(postgres_admin_url) as url:
+        yield url
 
 
 def _claim_redis_db() -> tuple[int, IO[bytes]]:

@@ -4,7 +4,6 @@ cluster token, and TLS."""
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import signal
 import subprocess
@@ -14,10 +13,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from tests.integration.certs import self_signed
 from tests.integration.harness import (
     CLUSTER_TOKEN,
     Processes,
@@ -28,6 +25,8 @@ from tests.integration.harness import (
 )
 
 pytestmark = pytest.mark.integration
+
+LOOPBACK = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
 
 UNLIMITED = {"name": "A", "tier": "enterprise", "rate_limit_per_minute": 10**6, "rate_limit_per_hour": 10**8}
 
@@ -108,32 +107,8 @@ def test_during_a_token_rotation_both_tokens_are_accepted_and_no_other(
     assert stranger.status()["config_version"] == 0
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tenantgate control plane")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cluster.crt", directory / "cluster.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
-
-
 def test_cluster_port_with_tls(procs: Processes, database_url: str, redis_url: str) -> None:
-    cert, key = _self_signed(procs.tmp)
+    cert, key = self_signed(procs.tmp, LOOPBACK)
     tls = start_control_plane(
         procs, database_url, TENANTGATE_CLUSTER_TLS_CERT=str(cert), TENANTGATE_CLUSTER_TLS_KEY=str(key)
     )
@@ -172,7 +147,7 @@ def test_cluster_port_with_tls(procs: Processes, database_url: str, redis_url: s
 def test_bad_tls_file_stops_the_control_plane_with_one_line(
     tmp_path: Path, setting: str, content: bytes, message: str
 ) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, LOOPBACK)
     bad = tmp_path / "bad.pem"
     bad.write_bytes(content)
     env = {
@@ -192,7 +167,7 @@ def test_bad_tls_file_stops_the_control_plane_with_one_line(
 
 
 def test_key_without_certificate_stops_the_data_plane_with_one_line(tmp_path: Path) -> None:
-    _, key = _self_signed(tmp_path)
+    _, key = self_signed(tmp_path, LOOPBACK)
     env = {"TENANTGATE_CLUSTER_TOKEN": "cluster-token-0123456789", "TENANTGATE_CLUSTER_TLS_KEY": str(key)}
     done = subprocess.run([sys.executable, "-m", "data_plane"], env=env, capture_output=True, timeout=30, check=False)
     lines = done.stderr.decode().strip().splitlines()

@@ -5,13 +5,12 @@ database is sent the whole config, whatever the version numbers say."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
+from tests.conftest import fresh_database
 from tests.integration.harness import (
     ControlPlane,
     DataPlane,
@@ -39,12 +38,8 @@ async def _admin(url: str, sql: str) -> None:
 @pytest.fixture
 def other_database_url(postgres_admin_url: str) -> Iterator[str]:
     """A second fresh database: "database B", with its own config history."""
-    name = f"tg_test_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin(postgres_admin_url, f'CREATE DATABASE "{name}"'))
-    try:
-        yield urlunsplit(urlsplit(postgres_admin_url)._replace(path=f"/{name}"))
-    finally:
-        asyncio.run(_admin(postgres_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_database(postgres_admin_url) as url:
+        yield url
 
 
 async def _epoch(database_url: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import os
 import queue
@@ -18,10 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from tests.integration.certs import self_signed
 from tests.integration.harness import free_port, http
 
 pytestmark = pytest.mark.integration
@@ -123,34 +120,9 @@ def test_up_demo_serves_the_demo_route_and_stops_cleanly(tmp_path: Path) -> None
     assert not [p for p in psutil.process_iter(["cmdline"]) if data_dir in " ".join(p.info["cmdline"] or [])]
 
 
-def _certificate(directory: Path, *names: x509.GeneralName) -> tuple[Path, Path]:
-    """A self-signed certificate for ``names`` and its key, as PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tenantgate control plane")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(list(names)), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cluster.crt", directory / "cluster.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
-
-
 def test_up_with_tls_on_the_cluster_port_serves_its_data_plane_over_it(tmp_path: Path) -> None:
     # Only the certificate and key: the local data plane trusts that certificate itself.
-    cert, key = _certificate(tmp_path, x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    cert, key = self_signed(tmp_path, x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
     ports = {name: free_port() for name in ("proxy", "status", "admin", "cluster")}
     proc, lines, pump = _start_up(tmp_path, ports, "--cluster-tls-cert", str(cert), "--cluster-tls-key", str(key))
     seen: list[str] = []
@@ -173,7 +145,7 @@ def test_up_with_tls_on_the_cluster_port_serves_its_data_plane_over_it(tmp_path:
 
 
 def test_up_refuses_a_cluster_certificate_its_data_plane_could_not_verify(tmp_path: Path) -> None:
-    cert, key = _certificate(tmp_path, x509.DNSName("cp.example.com"))
+    cert, key = self_signed(tmp_path, x509.DNSName("cp.example.com"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTGATE_")}
     args = ["up", "--data-dir", str(tmp_path / "data"), "--cluster-tls-cert", str(cert), "--cluster-tls-key", str(key)]
     done = subprocess.run(
