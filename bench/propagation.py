@@ -48,7 +48,10 @@ NODES: Final = 3
 POLL_TIMEOUT_S: Final = 60.0
 KEYS_PER_TENANT: Final = 40
 UNLIMITED: Final = {"tier": "enterprise", "rate_limit_per_minute": 10**9, "rate_limit_per_hour": 10**9}
-_APPLIED: Final = re.compile(r"snapshot applied config_version=(\d+) kind=(\w+) compile_ms=([\d.]+) apply_ms=([\d.]+)")
+_APPLIED: Final = re.compile(
+    r"snapshot applied config_version=(\d+) kind=(\w+) compile_ms=([\d.]+) apply_ms=([\d.]+)"
+    r"(?: routes=\d+ receive_ms=([\d.]+))?"
+)
 _BUILT: Final = re.compile(r"snapshot built config_version=(\d+)")
 
 
@@ -85,14 +88,16 @@ class Node:
                 return round(int(line.split()[1]) / 1024, 1)
         return 0.0
 
-    def last_full_apply(self) -> tuple[float, int, float, float]:
-        """(when it ended as a Unix time, version, compile_ms, apply_ms) of the last full snapshot."""
+    def last_full_apply(self) -> tuple[float, int, float, float, float]:
+        """(when it ended as a Unix time, version, compile_ms, apply_ms, receive_ms) of the last
+        full snapshot; receive_ms, from its first part's arrival to its last's, is 0 for a
+        snapshot received as one message."""
         text = self.service.log_path.read_text(errors="replace")
         for line in reversed(text.splitlines()):
             m = _APPLIED.search(line)
             if m and m[2] == "full":
                 ended = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-                return ended, int(m[1]), float(m[3]), float(m[4])
+                return ended, int(m[1]), float(m[3]), float(m[4]), float(m[5] or 0)
         raise RuntimeError(f"{self.service.name} applied no full snapshot")
 
     def applied(self) -> list[tuple[int, str, float, float]]:
@@ -322,8 +327,9 @@ def probe_during_full_apply(
         stop.set()
         for thread in threads:
             thread.join()
-    end, _, compile_ms, apply_ms = node.last_full_apply()
-    start = end - apply_ms / 1000
+    end, _, compile_ms, apply_ms, receive_ms = node.last_full_apply()
+    # From the first part's arrival: receiving is part of taking a snapshot in.
+    start = end - (apply_ms + receive_ms) / 1000
 
     def during(out: list[tuple[float, float, int]]) -> list[float]:
         # Requests that were in flight at any moment of the apply.
@@ -333,6 +339,7 @@ def probe_during_full_apply(
     baseline = [lat for wall, lat, _ in samples["applying"] if wall < start - 0.5]
     figures = {
         "apply_ms": apply_ms,
+        "receive_ms": receive_ms,
         "compile_ms": compile_ms,
         "requests_during_apply": len(applying),
         "non_200": sum(1 for _, _, status in samples["applying"] if status != 200),

@@ -3,12 +3,14 @@
 It connects with the cluster token (over TLS when ``CLUSTER_TLS_CA`` is set), says which
 version it has and the config epoch that version counts in, and applies each update it
 receives: a full snapshot, validated whole, or a delta on the version it holds, of the same
-epoch. Parsing, validation and compiling run in a worker thread, so requests keep being
-served while a large snapshot applies; the result is swapped in by one reference assignment
-and ACKed. An update that fails validation is NACKed with the reason and the old snapshot
-keeps serving; a delta on another base or of another epoch asks for a full snapshot
-(``Nack.resync``). When the stream breaks, it reconnects with jittered exponential backoff
-and resumes from the version it has.
+epoch. A full snapshot comes in parts of a few hundred kilobytes (the Hello asks for them:
+gRPC gathers each message on the event loop, and a message of megabytes would hold every
+request for as long), gathered in order and applied after the last. Parsing, validation and
+compiling run in a worker thread, so requests keep being served while a large snapshot
+applies; the result is swapped in by one reference assignment and ACKed. An update that
+fails validation is NACKed with the reason and the old snapshot keeps serving; a delta on
+another base or of another epoch asks for a full snapshot (``Nack.resync``). When the stream
+breaks, it reconnects with jittered exponential backoff and resumes from the version it has.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import random
 import sys
 import time
 import types
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Final
 
 import grpc
@@ -41,6 +44,7 @@ from data_plane.snapshot import (
     decode_full,
     decoding,
     run_steps,
+    snapshot_part,
     whole_snapshot_bytes,
 )
 from shared import snapshot as model
@@ -116,20 +120,63 @@ class ClusterStatus:
     nacks: int = 0
 
 
+@dataclass(slots=True)
+class _PartRun:
+    """The parts of one whole snapshot received so far (see ``SnapshotPart``): they must come
+    in order, from index 0; a run that breaks is refused once its last part is in."""
+
+    version: int
+    started: float = field(default_factory=time.perf_counter)
+    pieces: list[bytes] = field(default_factory=list)
+    size: int = 0
+    error: str = ""
+
+    def add(self, part: cluster_pb2.SnapshotPart) -> None:
+        if self.error:
+            return
+        if part.index != len(self.pieces):
+            self._broken(f"part {part.index} of version {self.version} came where part {len(self.pieces)} was due")
+        elif self.size + len(part.data) > MAX_MESSAGE_BYTES:
+            self._broken(f"the snapshot of version {self.version} is larger than {MAX_MESSAGE_BYTES} bytes")
+        else:
+            self.pieces.append(part.data)
+            self.size += len(part.data)
+
+    def _broken(self, error: str) -> None:
+        self.error = error
+        self.pieces.clear()
+
+
+def _gathered(run: _PartRun | None, part: cluster_pb2.SnapshotPart) -> _PartRun:
+    """The run ``part`` belongs to, with it added: part 0, or a part of another version than
+    ``run``'s, starts a new run (an unfinished one is dropped)."""
+    if run is None or part.index == 0 or part.version != run.version:
+        run = _PartRun(part.version)
+    run.add(part)
+    return run
+
+
 @dataclass(frozen=True, slots=True)
 class _Applied:
     compiled: Compiled
-    full: bytes | memoryview | None  # the encoded snapshot, when the update was a whole one
+    # The encoded snapshot (the concatenation of these), when the update was a whole one.
+    full: Sequence[bytes | memoryview] | None
     delta: cluster_pb2.SnapshotDelta | None
     # When the update replaces the snapshot whole: the old one's pieces (see _pieces).
     retired: list[object] | None = None
 
 
-def _whole(encoded: memoryview, current: Compiled | None) -> Steps[_Applied]:
-    """Parse, validate and compile a whole snapshot (in a worker thread). In steps of about a
-    millisecond each: no single call holds the interpreter, and with it the event loop, for
-    longer (see data_plane/snapshot.py)."""
-    compiled = yield from compiling((yield from decoding(encoded)))
+def _whole(
+    encoded: Sequence[bytes | memoryview], current: Compiled | None, version: int | None = None
+) -> Steps[_Applied]:
+    """Parse, validate and compile a whole snapshot, the concatenation of ``encoded`` (in a
+    worker thread), which must be of ``version`` when given. In steps of about a millisecond
+    each: no single call holds the interpreter, and with it the event loop, for longer (see
+    data_plane/snapshot.py)."""
+    objects = yield from decoding(encoded)
+    if version is not None and objects.version != version:
+        raise InvalidSnapshot(f"the parts of version {version} hold a snapshot of version {objects.version}")
+    compiled = yield from compiling(objects)
     retired = None if current is None else (yield from _pieces(current))
     return _Applied(compiled, encoded, None, retired)
 
@@ -148,7 +195,7 @@ def _prepare(raw: bytes, current: Compiled | None) -> _Applied:
         raise InvalidSnapshot("the update holds neither a snapshot nor a delta")
     compiled = compile_objects(decode_full(update.snapshot))
     retired = None if current is None else run_steps(_pieces(current))
-    return _Applied(compiled, update.snapshot.SerializeToString(), None, retired)
+    return _Applied(compiled, (update.snapshot.SerializeToString(),), None, retired)
 
 
 class ConfigClient:
@@ -271,6 +318,7 @@ class ConfigClient:
                         last_version=held.version if held is not None else 0,
                         last_epoch=held.objects.epoch if held is not None else "",
                         software_version=shared.__version__,
+                        snapshot_parts=True,
                     )
                 ),
             )
@@ -280,13 +328,27 @@ class ConfigClient:
             headers = await call.initial_metadata()
             if any(key == ACCEPTED_HEADER for key, _ in headers or ()):
                 self._on_connected()
+            run: _PartRun | None = None
             while True:
                 raw = await call.read()
                 if raw is aio.EOF:
                     return received
                 self._on_connected()
                 received = True
-                await _send(call, await self._apply(raw))
+                try:
+                    part = snapshot_part(raw)
+                except InvalidSnapshot as exc:
+                    version, run = run.version if run is not None else 0, None
+                    await _send(call, self._refused(version, exc))
+                    continue
+                if part is None:
+                    run = None
+                    await _send(call, await self._apply(raw))
+                    continue
+                run = _gathered(run, part)
+                if part.last:
+                    whole, run = run, None
+                    await _send(call, await self._apply(whole))
 
     def _on_connected(self) -> None:
         if not self.status.connected:
@@ -296,7 +358,7 @@ class ConfigClient:
             CP_CONNECTED.set(1)
             log.info("connected to control plane", extra={"cp_addr": self._addr})
 
-    async def _apply(self, raw: bytes) -> cluster_pb2.WatchRequest:
+    async def _apply(self, update: bytes | _PartRun) -> cluster_pb2.WatchRequest:
         # A config of 100,000 keys is millions of objects: a full collection would scan them
         # all, holding the interpreter (and so every request) for as long, and allocating a
         # compiled snapshot would set off several. Off while compiling; after a large update
@@ -308,35 +370,31 @@ class ConfigClient:
         gc.disable()
         sys.setswitchinterval(APPLY_SWITCH_INTERVAL_S)
         try:
-            return await self._apply_collector_off(raw)
+            return await self._apply_collector_off(update)
         finally:
             sys.setswitchinterval(interval)
             gc.enable()
 
-    async def _apply_collector_off(self, raw: bytes) -> cluster_pb2.WatchRequest:
+    async def _apply_collector_off(self, update: bytes | _PartRun) -> cluster_pb2.WatchRequest:
         previous = self._holder.current
         started = time.perf_counter()
         try:
-            whole = whole_snapshot_bytes(raw)
-            if whole is not None:
-                applied = await asyncio.to_thread(run_steps, _whole(whole, previous))
-            elif len(raw) <= INLINE_DELTA_BYTES:
-                applied = _prepare(raw, previous)
+            if isinstance(update, _PartRun):
+                if update.error:
+                    raise InvalidSnapshot(update.error)
+                applied = await asyncio.to_thread(run_steps, _whole(update.pieces, previous, update.version))
+            elif (whole := whole_snapshot_bytes(update)) is not None:
+                applied = await asyncio.to_thread(run_steps, _whole((whole,), previous))
+            elif len(update) <= INLINE_DELTA_BYTES:
+                applied = _prepare(update, previous)
             else:
-                applied = await asyncio.to_thread(_prepare, raw, previous)
+                applied = await asyncio.to_thread(_prepare, update, previous)
         except StaleBase as exc:
             log.info("asking for a full snapshot", extra={"reason": str(exc)})
             have = previous.version if previous is not None else 0
             return cluster_pb2.WatchRequest(nack=cluster_pb2.Nack(version=have, error=str(exc), resync=True))
         except (InvalidSnapshot, ValueError, DecodeError) as exc:
-            version = _version_of(raw)
-            self.status.nacks += 1
-            NACKS.inc()
-            log.error(
-                "snapshot rejected; keeping the previous one",
-                extra={"config_version": version, "error": str(exc)},
-            )
-            return cluster_pb2.WatchRequest(nack=cluster_pb2.Nack(version=version, error=str(exc)[:1000]))
+            return self._refused(update.version if isinstance(update, _PartRun) else _version_of(update), exc)
         compiled = applied.compiled
         self._holder.swap(compiled, "control_plane")
         kind = "full" if applied.full is not None else "delta"
@@ -361,9 +419,18 @@ class ConfigClient:
                 "compile_ms": round(compiled.compile_ms, 2),
                 "apply_ms": round((time.perf_counter() - started) * 1000, 2),
                 "routes": compiled.router.size,
+                # From the first part's arrival to the last's, for a snapshot sent in parts.
+                "receive_ms": round((started - update.started) * 1000, 2) if isinstance(update, _PartRun) else 0.0,
             },
         )
         return cluster_pb2.WatchRequest(ack=cluster_pb2.Ack(version=compiled.version))
+
+    def _refused(self, version: int, exc: Exception) -> cluster_pb2.WatchRequest:
+        """Count and log an update that cannot be applied; the NACK that answers it."""
+        self.status.nacks += 1
+        NACKS.inc()
+        log.error("snapshot rejected; keeping the previous one", extra={"config_version": version, "error": str(exc)})
+        return cluster_pb2.WatchRequest(nack=cluster_pb2.Nack(version=version, error=str(exc)[:1000]))
 
     def _persist(self, applied: _Applied) -> None:
         """Save off the event loop; saves run one at a time, in order."""
@@ -372,7 +439,7 @@ class ConfigClient:
 
         def write() -> None:
             if full is not None:
-                disk.save_bytes(self._data_dir, full)
+                disk.save_bytes(self._data_dir, *full)
                 return
             assert delta is not None
             size = disk.append(self._data_dir, delta)

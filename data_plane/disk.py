@@ -43,13 +43,14 @@ def save(data_dir: Path, msg: snapshot_pb2.Snapshot) -> None:
     save_bytes(data_dir, msg.SerializeToString())
 
 
-def save_bytes(data_dir: Path, payload: bytes | memoryview) -> None:
-    """Write an encoded ``Snapshot`` as the last good snapshot, replacing any journal."""
+def save_bytes(data_dir: Path, *pieces: bytes | memoryview) -> None:
+    """Write an encoded ``Snapshot`` (the concatenation of ``pieces``) as the last good
+    snapshot, replacing any journal."""
     _prepare(data_dir)
     fd, tmp = tempfile.mkstemp(prefix=".snapshot-", dir=data_dir)  # mkstemp creates it 0600
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+            f.writelines(pieces)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, data_dir / SNAPSHOT_FILE)

@@ -14,7 +14,7 @@ worker thread, off the event loop: nothing here may touch the loop.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Final, TypeVar
@@ -41,6 +41,7 @@ KINDS: Final = ("tenants", "api_keys", "routes", "jwt_issuers", "oauth_clients",
 # Work done a step at a time: ``yield`` between steps, the result returned at the end.
 Steps = Generator[None, None, _V]
 _UPDATE_SNAPSHOT_TAG: Final = bytes([cluster_pb2.ConfigUpdate.DESCRIPTOR.fields_by_name["snapshot"].number << 3 | 2])
+_UPDATE_PART_TAG: Final = bytes([cluster_pb2.ConfigUpdate.DESCRIPTOR.fields_by_name["part"].number << 3 | 2])
 
 
 class StaleBase(Exception):
@@ -147,14 +148,15 @@ def decode_full(msg: snapshot_pb2.Snapshot) -> Objects:
 
 def decode_full_bytes(data: bytes | memoryview) -> Objects:
     """Parse and validate an encoded whole snapshot. Raises ``InvalidSnapshot``."""
-    return run_steps(decoding(data))
+    return run_steps(decoding((data,)))
 
 
-def decoding(data: bytes | memoryview) -> Steps[Objects]:
-    """:func:`decode_full_bytes` a little at a time (see :func:`run_steps`): a piece of
-    :data:`PARSE_CHUNK_BYTES` parsed per step, then validation and indexing in steps."""
+def decoding(pieces: Iterable[bytes | memoryview]) -> Steps[Objects]:
+    """:func:`decode_full_bytes` of the concatenation of ``pieces`` (each cut between two
+    fields, as ``SnapshotPart`` data is) a little at a time (see :func:`run_steps`): a chunk
+    of :data:`PARSE_CHUNK_BYTES` parsed per step, then validation and indexing in steps."""
     parts: list[model.Snapshot] = []
-    for chunk in _chunks(data):
+    for chunk in chain.from_iterable(_chunks(piece) for piece in pieces):
         msg = snapshot_pb2.Snapshot()
         try:
             msg.ParseFromString(chunk)
@@ -194,6 +196,18 @@ def whole_snapshot_bytes(update: bytes) -> memoryview | None:
     if pos + length != len(update):
         return None
     return memoryview(update)[pos:]
+
+
+def snapshot_part(update: bytes) -> cluster_pb2.SnapshotPart | None:
+    """The ``SnapshotPart`` an encoded ``ConfigUpdate`` holds; None for any other update.
+    Raises ``InvalidSnapshot`` when it cannot be parsed."""
+    if not update.startswith(_UPDATE_PART_TAG):
+        return None
+    try:
+        msg = cluster_pb2.ConfigUpdate.FromString(update)
+    except DecodeError as exc:
+        raise InvalidSnapshot(f"the snapshot part cannot be decoded: {exc}") from None
+    return msg.part if msg.HasField("part") else None
 
 
 def _chunks(data: bytes | memoryview) -> Iterator[bytes | memoryview]:

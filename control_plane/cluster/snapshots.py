@@ -12,7 +12,8 @@ What streams send is encoded once per version and shared:
   what a node that is up to date receives after each change;
 - the **full** snapshot, for a node that connects without a recent version: assembled on
   first use by concatenating each object's encoded bytes, kept per object across versions,
-  so only changed objects are ever encoded again.
+  so only changed objects are ever encoded again. A node that takes parts (its Hello's
+  ``snapshot_parts``) gets it as ``SnapshotPart`` messages of about :data:`PART_BYTES`.
 
 Pokes that arrive while a build runs coalesce into one more build. Watchers wait on
 :meth:`SnapshotCache.wait_newer`.
@@ -51,6 +52,10 @@ MAX_DELTAS: Final = 256
 # ones) or in a worker thread.
 MAX_DELTA_OBJECTS: Final = 2000
 MAX_DELTA_BYTES: Final = 32 * 1024 * 1024
+# A full snapshot goes to a node that takes parts in pieces of about this size: the node
+# gathers each message on its event loop, where one of megabytes holds every request for
+# tens of milliseconds, and one of this size for about one.
+PART_BYTES: Final = 256 * 1024
 # The change log is pruned of rows older than this, checked this often.
 CHANGE_LOG_RETENTION_S: Final = 3600.0
 PRUNE_INTERVAL_S: Final = 300.0
@@ -62,6 +67,11 @@ _VERSION_TAG: Final = bytes([pb.Snapshot.DESCRIPTOR.fields_by_name["version"].nu
 _BUILT_AT_TAG: Final = bytes([pb.Snapshot.DESCRIPTOR.fields_by_name["built_at_ms"].number << 3])
 _EPOCH_FIELD: Final = pb.Snapshot.DESCRIPTOR.fields_by_name["epoch"].number
 _UPDATE_SNAPSHOT_FIELD: Final = cluster_pb2.ConfigUpdate.DESCRIPTOR.fields_by_name["snapshot"].number
+_UPDATE_PART_FIELD: Final = cluster_pb2.ConfigUpdate.DESCRIPTOR.fields_by_name["part"].number
+_PART_VERSION_TAG: Final = bytes([cluster_pb2.SnapshotPart.DESCRIPTOR.fields_by_name["version"].number << 3])
+_PART_DATA_FIELD: Final = cluster_pb2.SnapshotPart.DESCRIPTOR.fields_by_name["data"].number
+_PART_LAST: Final = bytes([cluster_pb2.SnapshotPart.DESCRIPTOR.fields_by_name["last"].number << 3, 1])
+_PART_INDEX_TAG: Final = bytes([cluster_pb2.SnapshotPart.DESCRIPTOR.fields_by_name["index"].number << 3])
 
 
 def _varint(value: int) -> bytes:
@@ -103,19 +113,45 @@ class Catalog:
 
     def full_update(self) -> bytes:
         """The serialised ``ConfigUpdate{snapshot}`` for this version, by concatenation."""
-        parts: list[bytes] = [
-            _VERSION_TAG,
-            _varint(self.version),
-            _BUILT_AT_TAG,
-            _varint(self.built_at_ms),
-        ]
-        if self.epoch:
-            epoch = self.epoch.encode()
-            parts += [_length_prefix(_EPOCH_FIELD, len(epoch)), epoch]
+        parts = [self._header()]
         for kind in KINDS:
             parts.extend(self.entries[kind].values())
         size = sum(len(p) for p in parts)
         return b"".join([_length_prefix(_UPDATE_SNAPSHOT_FIELD, size), *parts])
+
+    def full_parts(self, part_bytes: int = PART_BYTES) -> list[bytes]:
+        """The serialised ``ConfigUpdate{part}`` messages carrying this version whole: the
+        snapshot's fields in order, cut between two fields once a piece reaches ``part_bytes``
+        (so each piece is an encoded ``Snapshot`` too), numbered from 0, the last marked."""
+        pieces: list[list[bytes]] = []
+        piece = [self._header()]
+        size = len(piece[0])
+        for kind in KINDS:
+            for entry in self.entries[kind].values():
+                if size >= part_bytes:
+                    pieces.append(piece)
+                    piece, size = [], 0
+                piece.append(entry)
+                size += len(entry)
+        pieces.append(piece)
+        version = _PART_VERSION_TAG + _varint(self.version)
+        out = []
+        for i, piece in enumerate(pieces):
+            data = b"".join(piece)
+            fields = [version, _length_prefix(_PART_DATA_FIELD, len(data)), data, _PART_INDEX_TAG + _varint(i)]
+            if i == len(pieces) - 1:
+                fields.append(_PART_LAST)
+            length = sum(len(f) for f in fields)
+            out.append(b"".join([_length_prefix(_UPDATE_PART_FIELD, length), *fields]))
+        return out
+
+    def _header(self) -> bytes:
+        """The snapshot's fields other than its objects, encoded."""
+        header = _VERSION_TAG + _varint(self.version) + _BUILT_AT_TAG + _varint(self.built_at_ms)
+        if self.epoch:
+            epoch = self.epoch.encode()
+            header += _length_prefix(_EPOCH_FIELD, len(epoch)) + epoch
+        return header
 
 
 @dataclass(slots=True)
@@ -129,6 +165,7 @@ class Published:
     delta: bytes | None
     build_ms: float
     _full: bytes | None = field(default=None, repr=False)
+    _parts: list[bytes] | None = field(default=None, repr=False)
 
     @property
     def version(self) -> int:
@@ -142,6 +179,15 @@ class Published:
         if self._full is None:
             self._full = self.catalog.full_update()
         return self._full
+
+    def whole(self, parts: bool) -> list[bytes]:
+        """The serialised updates that carry this version whole: one ``ConfigUpdate{snapshot}``,
+        or (to a node that takes them) its ``ConfigUpdate{part}`` messages."""
+        if not parts:
+            return [self.full()]
+        if self._parts is None:
+            self._parts = self.catalog.full_parts()
+        return self._parts
 
 
 def _encode(
@@ -363,9 +409,10 @@ class SnapshotCache:
             assert self._current is not None
             return self._current
 
-    def updates_for(self, have: int) -> tuple[int, list[bytes], bool]:
+    def updates_for(self, have: int, parts: bool = False) -> tuple[int, list[bytes], bool]:
         """What brings a node holding version ``have`` to the current version: (the version
-        it will hold, the serialised updates in order, whether they are one full snapshot)."""
+        it will hold, the serialised updates in order, whether they are the full snapshot, in
+        parts if ``parts``)."""
         current = self._current
         assert current is not None
         if have == current.version:
@@ -378,7 +425,7 @@ class SnapshotCache:
                 expected = version
         if have > 0 and expected == current.version:
             return current.version, chain, False
-        return current.version, [current.full()], True
+        return current.version, current.whole(parts), True
 
     async def _run(self) -> None:
         while True:

@@ -1,9 +1,10 @@
 """The ``Watch`` stream: pushes snapshots to data planes and records their ACK/NACK.
 
 Per stream: the node's Hello tells the version it has. The server sends what brings it to
-the current version (the recent deltas when they reach back to it, else one full snapshot),
-then every newer version as a delta. A NACKed version is never resent; the next newer
-version is, as a full snapshot (the node's base is then the version before the NACKed one).
+the current version (the recent deltas when they reach back to it, else one full snapshot,
+in parts to a node that takes them), then every newer version as a delta. A NACKed version
+is never resent; the next newer version is, as a full snapshot (the node's base is then the
+version before the NACKed one).
 A node that finds a delta on the wrong base asks for a resync and gets the full snapshot.
 
 A version counts in one database's history, named by its config epoch: a node whose Hello
@@ -262,7 +263,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
                 "last_epoch": first.hello.last_epoch,
             },
         )
-        stream = _Stream(node, epoch=first.hello.last_epoch)
+        stream = _Stream(node, epoch=first.hello.last_epoch, parts=first.hello.snapshot_parts)
         reader = asyncio.create_task(self._read_acks(context, stream))
         try:
             await self._send_updates(context, stream, reader)
@@ -306,14 +307,14 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):  # type: ignore[misc]
                 stream.base, stream.full_needed = 0, True
             if current is not None and current.version > stream.base and current.version != node.nacked_version:
                 if stream.full_needed:
-                    version, payloads, full = current.version, [current.full()], True
+                    version, payloads, full = current.version, current.whole(stream.parts), True
                 else:
-                    version, payloads, full = self._cache.updates_for(stream.base)
+                    version, payloads, full = self._cache.updates_for(stream.base, stream.parts)
                 stream.base, stream.full_needed = version, False
                 for payload in payloads:
                     await context.write(payload)
                 node.sent_version = version
-                metrics.UPDATES_SENT.labels("full" if full else "delta").inc(len(payloads))
+                metrics.UPDATES_SENT.labels("full" if full else "delta").inc(1 if full else len(payloads))
                 continue
             seen = current.version if current is not None else 0
             newer = asyncio.ensure_future(self._cache.wait_newer(seen, current.epoch if current is not None else None))
@@ -386,6 +387,8 @@ class _Stream:
     base: int = 0
     full_needed: bool = False
     epoch: str = ""
+    # The node takes a full snapshot in parts (Hello.snapshot_parts).
+    parts: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     # Since when the node has held a version newer than this replica's (see _foreign).
     ahead_since: float | None = None

@@ -1,6 +1,7 @@
 """The data plane keeps serving without its control plane: from memory while the control
 plane is gone, and from disk when it restarts meanwhile; it follows every kind of change,
-and a node that missed an update asks for the whole config and gets it."""
+a node that missed an update asks for the whole config and gets it, and a whole config too
+large for one message arrives in parts, all of them or none."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import grpc
 import pytest
 from grpc import aio
 
-from shared._generated.tenantgate.v1 import cluster_pb2
+from bench import dataset
+from shared._generated.tenantgate.v1 import cluster_pb2, snapshot_pb2
 from tests.integration.harness import (
+    CLUSTER_TOKEN,
     DataPlane,
     Processes,
     Response,
@@ -234,14 +237,16 @@ WATCH_METHOD = f"/{WATCH_SERVICE}/Watch"
 class LossyLink:
     """Relays Watch streams from data planes to a control plane, as they are (bytes, the
     token, the control plane's headers), and can lose the next delta the control plane
-    sends, as a link that dropped a message would. Its gRPC server runs on its own event
-    loop in a thread."""
+    sends, or a part of the next snapshot sent in parts, as a link that dropped a message
+    would. Its gRPC server runs on its own event loop in a thread."""
 
     def __init__(self, target: str) -> None:
         self.target = target
         self.addr = f"127.0.0.1:{free_port()}"
         self.lost: list[int] = []  # versions of the deltas lost
+        self.lost_parts: list[tuple[int, int]] = []  # (version, index) of the parts lost
         self._lose = threading.Event()
+        self._lose_part: int | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="lossy-link", daemon=True)
         self._server: aio.Server | None = None
@@ -261,6 +266,10 @@ class LossyLink:
 
     def lose_next_delta(self) -> None:
         self._lose.set()
+
+    def lose_part(self, index: int) -> None:
+        """Lose the next snapshot part numbered ``index``."""
+        self._lose_part = index
 
     async def _start(self) -> None:
         server = aio.server()
@@ -297,6 +306,10 @@ class LossyLink:
                     if update.HasField("delta") and self._lose.is_set():
                         self._lose.clear()
                         self.lost.append(update.delta.upserts.version)
+                        continue
+                    if update.HasField("part") and update.part.index == self._lose_part:
+                        self._lose_part = None
+                        self.lost_parts.append((update.part.version, update.part.index))
                         continue
                     await context.write(raw)
             except aio.AioRpcError as exc:
@@ -345,3 +358,87 @@ def test_a_data_plane_that_missed_a_delta_asks_for_the_whole_config_and_gets_it(
 
         wait_for(lambda: node()["status"] == "synced", what="the node synced")
         assert (node()["config_version"], node()["last_error"]) == (latest, None)
+
+
+# A config that takes several SnapshotParts (256 KiB each): 8,000 keys weigh about 0.9 MB.
+PARTS_CONFIG = {"routes": 30, "tenants": 200, "keys": 8000}
+
+
+async def _watch_whole(cluster_addr: str, parts: bool) -> list[cluster_pb2.ConfigUpdate]:
+    """Open a Watch stream as a data plane would, saying whether it takes parts, and read
+    what the control plane sends until a snapshot is whole."""
+    async with aio.insecure_channel(cluster_addr, options=[("grpc.max_receive_message_length", 1 << 28)]) as channel:
+        call = channel.stream_stream(
+            WATCH_METHOD,
+            request_serializer=cluster_pb2.WatchRequest.SerializeToString,
+            response_deserializer=cluster_pb2.ConfigUpdate.FromString,
+        )(metadata=(("authorization", f"Bearer {CLUSTER_TOKEN}"),))
+        hello = cluster_pb2.Hello(node_id=f"raw-{parts}", software_version="raw", snapshot_parts=parts)
+        await call.write(cluster_pb2.WatchRequest(hello=hello))
+        got: list[cluster_pb2.ConfigUpdate] = []
+        async with asyncio.timeout(30):
+            while not got or (got[-1].HasField("part") and not got[-1].part.last):
+                got.append(await call.read())
+        call.cancel()
+        return got
+
+
+def test_a_large_config_reaches_a_data_plane_in_parts_and_an_older_node_whole(
+    procs: Processes, database_url: str, redis_url: str
+) -> None:
+    cp = start_control_plane(procs, database_url)
+    upstream = start_echo(procs)
+    loaded = dataset.load(database_url, upstream, **PARTS_CONFIG)
+    dp = start_data_plane(procs, cp.cluster_addr, redis_url)
+    wait_for(lambda: dp.status()["config_version"] >= loaded.version, what="the large config on the data plane")
+    assert dp.get(loaded.path, {"X-API-Key": loaded.api_key}).status == 200
+    applied = [line for line in dp.proc.log().splitlines() if "snapshot applied" in line]
+    assert len(applied) == 1 and "kind=full" in applied[0] and "receive_ms=" in applied[0]
+    # One update, however many parts carried it.
+    cp_metrics = http("GET", cp.admin_url + "/metrics").body.decode()
+    assert 'tenantgate_cp_config_updates_sent_total{kind="full"} 1.0' in cp_metrics
+
+    # On the wire: a node that does not say it takes parts (an older one) gets one Snapshot
+    # message; one that does gets parts, numbered, the last marked, that make the same snapshot.
+    [single] = asyncio.run(_watch_whole(cp.cluster_addr, parts=False))
+    assert single.WhichOneof("kind") == "snapshot"
+    assert (single.snapshot.version, len(single.snapshot.api_keys)) == (loaded.version, PARTS_CONFIG["keys"])
+    parts = asyncio.run(_watch_whole(cp.cluster_addr, parts=True))
+    assert len(parts) >= 3 and all(u.WhichOneof("kind") == "part" for u in parts)
+    assert [u.part.index for u in parts] == list(range(len(parts)))
+    assert [u.part.last for u in parts] == [False] * (len(parts) - 1) + [True]
+    assert {u.part.version for u in parts} == {loaded.version}
+    assert max(len(u.part.data) for u in parts) < 300 * 1024
+    assert snapshot_pb2.Snapshot.FromString(b"".join(u.part.data for u in parts)) == single.snapshot
+
+
+def test_a_snapshot_missing_a_part_is_refused_whole_and_the_next_version_heals(
+    procs: Processes, database_url: str, redis_url: str
+) -> None:
+    cp = start_control_plane(procs, database_url)
+    upstream = start_echo(procs)
+    loaded = dataset.load(database_url, upstream, **PARTS_CONFIG)
+    with LossyLink(cp.cluster_addr) as link:
+        link.lose_part(1)
+        dp = start_data_plane(procs, link.addr, redis_url, wait_ready=False, TENANTGATE_NODE_ID="dp-parts")
+
+        def node() -> dict[str, object]:
+            nodes = [n for n in cp.api("GET", "/admin/nodes").json() if n["node_id"] == "dp-parts"]
+            return dict(nodes[0]) if nodes else {}
+
+        wait_for(lambda: node().get("status") == "nacked", what="the broken snapshot refused")
+        assert link.lost_parts == [(loaded.version, 1)]
+        assert node()["last_error"] == f"part 2 of version {loaded.version} came where part 1 was due"
+        # Nothing of the parts that did arrive is served: the node holds no config at all.
+        assert http("GET", dp.status_url + "/readyz").status == 503
+        assert dp.status()["config_version"] == 0
+        assert "tenantgate_dp_config_nacks_total 1.0" in http("GET", dp.status_url + "/metrics").body.decode()
+
+        # The refused version is not sent again; the next one is, whole, and heals the node.
+        latest = cp.api("POST", "/admin/routes", {"path": "/after/*", "upstream": upstream}).json()["config_version"]
+        wait_for(lambda: dp.status()["config_version"] == latest, what="the next version, whole")
+        assert http("GET", dp.status_url + "/readyz").status == 200
+        assert dp.get(loaded.path, {"X-API-Key": loaded.api_key}).status == 200
+        assert dp.get("/after/x", {"X-API-Key": loaded.api_key}).status == 200
+        wait_for(lambda: node().get("status") == "synced", what="the node synced")
+        assert node()["last_error"] is None

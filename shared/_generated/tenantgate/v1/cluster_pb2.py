@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from shared._generated.tenantgate.v1 import snapshot_pb2 as tenantgate_dot_v1_dot_snapshot__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btenantgate/v1/cluster.proto\x12\rtenantgate.v1\x1a\x1ctenantgate/v1/snapshot.proto\"\\\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0clast_version\x18\x02 \x01(\x04\x12\x18\n\x10software_version\x18\x03 \x01(\t\x12\x12\n\nlast_epoch\x18\x04 \x01(\t\"\x16\n\x03\x41\x63k\x12\x0f\n\x07version\x18\x01 \x01(\x04\"6\n\x04Nack\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0e\n\x06resync\x18\x03 \x01(\x08\"\x85\x01\n\x0cWatchRequest\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.tenantgate.v1.HelloH\x00\x12!\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x12.tenantgate.v1.AckH\x00\x12#\n\x04nack\x18\x03 \x01(\x0b\x32\x13.tenantgate.v1.NackH\x00\x42\x06\n\x04kind\"r\n\x0c\x43onfigUpdate\x12+\n\x08snapshot\x18\x01 \x01(\x0b\x32\x17.tenantgate.v1.SnapshotH\x00\x12-\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x1c.tenantgate.v1.SnapshotDeltaH\x00\x42\x06\n\x04kind\"\xf4\x01\n\rSnapshotDelta\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\x04\x12(\n\x07upserts\x18\x02 \x01(\x0b\x32\x17.tenantgate.v1.Snapshot\x12\x17\n\x0fremoved_tenants\x18\x03 \x03(\t\x12\x18\n\x10removed_api_keys\x18\x04 \x03(\t\x12\x16\n\x0eremoved_routes\x18\x05 \x03(\t\x12\x1b\n\x13removed_jwt_issuers\x18\x06 \x03(\t\x12\x1d\n\x15removed_oauth_clients\x18\x07 \x03(\t\x12\x1c\n\x14removed_signing_keys\x18\x08 \x03(\t\"\xca\x01\n\x0bUsageRecord\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08route_id\x18\x02 \x01(\t\x12\x0e\n\x06minute\x18\x03 \x01(\x03\x12\x14\n\x0cstatus_class\x18\x04 \x01(\r\x12\x10\n\x08requests\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x10\n\x08rejected\x18\x07 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x08 \x01(\x04\x12\x11\n\tbytes_out\x18\t \x01(\x04\x12\x17\n\x0flatency_buckets\x18\n \x03(\x04\"W\n\nUsageBatch\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12+\n\x07records\x18\x03 \x03(\x0b\x32\x1a.tenantgate.v1.UsageRecord\".\n\x08UsageAck\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r2\x95\x01\n\x07\x43luster\x12\x45\n\x05Watch\x12\x1b.tenantgate.v1.WatchRequest\x1a\x1b.tenantgate.v1.ConfigUpdate(\x01\x30\x01\x12\x43\n\x0bReportUsage\x12\x19.tenantgate.v1.UsageBatch\x1a\x17.tenantgate.v1.UsageAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btenantgate/v1/cluster.proto\x12\rtenantgate.v1\x1a\x1ctenantgate/v1/snapshot.proto\"t\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0clast_version\x18\x02 \x01(\x04\x12\x18\n\x10software_version\x18\x03 \x01(\t\x12\x12\n\nlast_epoch\x18\x04 \x01(\t\x12\x16\n\x0esnapshot_parts\x18\x05 \x01(\x08\"\x16\n\x03\x41\x63k\x12\x0f\n\x07version\x18\x01 \x01(\x04\"6\n\x04Nack\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0e\n\x06resync\x18\x03 \x01(\x08\"\x85\x01\n\x0cWatchRequest\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.tenantgate.v1.HelloH\x00\x12!\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x12.tenantgate.v1.AckH\x00\x12#\n\x04nack\x18\x03 \x01(\x0b\x32\x13.tenantgate.v1.NackH\x00\x42\x06\n\x04kind\"\x9f\x01\n\x0c\x43onfigUpdate\x12+\n\x08snapshot\x18\x01 \x01(\x0b\x32\x17.tenantgate.v1.SnapshotH\x00\x12-\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x1c.tenantgate.v1.SnapshotDeltaH\x00\x12+\n\x04part\x18\x03 \x01(\x0b\x32\x1b.tenantgate.v1.SnapshotPartH\x00\x42\x06\n\x04kind\"J\n\x0cSnapshotPart\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\r\n\x05index\x18\x04 \x01(\r\"\xf4\x01\n\rSnapshotDelta\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\x04\x12(\n\x07upserts\x18\x02 \x01(\x0b\x32\x17.tenantgate.v1.Snapshot\x12\x17\n\x0fremoved_tenants\x18\x03 \x03(\t\x12\x18\n\x10removed_api_keys\x18\x04 \x03(\t\x12\x16\n\x0eremoved_routes\x18\x05 \x03(\t\x12\x1b\n\x13removed_jwt_issuers\x18\x06 \x03(\t\x12\x1d\n\x15removed_oauth_clients\x18\x07 \x03(\t\x12\x1c\n\x14removed_signing_keys\x18\x08 \x03(\t\"\xca\x01\n\x0bUsageRecord\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08route_id\x18\x02 \x01(\t\x12\x0e\n\x06minute\x18\x03 \x01(\x03\x12\x14\n\x0cstatus_class\x18\x04 \x01(\r\x12\x10\n\x08requests\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x10\n\x08rejected\x18\x07 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x08 \x01(\x04\x12\x11\n\tbytes_out\x18\t \x01(\x04\x12\x17\n\x0flatency_buckets\x18\n \x03(\x04\"W\n\nUsageBatch\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12+\n\x07records\x18\x03 \x03(\x0b\x32\x1a.tenantgate.v1.UsageRecord\".\n\x08UsageAck\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r2\x95\x01\n\x07\x43luster\x12\x45\n\x05Watch\x12\x1b.tenantgate.v1.WatchRequest\x1a\x1b.tenantgate.v1.ConfigUpdate(\x01\x30\x01\x12\x43\n\x0bReportUsage\x12\x19.tenantgate.v1.UsageBatch\x1a\x17.tenantgate.v1.UsageAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tenantgate.v1.cluster_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HELLO']._serialized_start=76
-  _globals['_HELLO']._serialized_end=168
-  _globals['_ACK']._serialized_start=170
-  _globals['_ACK']._serialized_end=192
-  _globals['_NACK']._serialized_start=194
-  _globals['_NACK']._serialized_end=248
-  _globals['_WATCHREQUEST']._serialized_start=251
-  _globals['_WATCHREQUEST']._serialized_end=384
-  _globals['_CONFIGUPDATE']._serialized_start=386
-  _globals['_CONFIGUPDATE']._serialized_end=500
-  _globals['_SNAPSHOTDELTA']._serialized_start=503
-  _globals['_SNAPSHOTDELTA']._serialized_end=747
-  _globals['_USAGERECORD']._serialized_start=750
-  _globals['_USAGERECORD']._serialized_end=952
-  _globals['_USAGEBATCH']._serialized_start=954
-  _globals['_USAGEBATCH']._serialized_end=1041
-  _globals['_USAGEACK']._serialized_start=1043
-  _globals['_USAGEACK']._serialized_end=1089
-  _globals['_CLUSTER']._serialized_start=1092
-  _globals['_CLUSTER']._serialized_end=1241
+  _globals['_HELLO']._serialized_end=192
+  _globals['_ACK']._serialized_start=194
+  _globals['_ACK']._serialized_end=216
+  _globals['_NACK']._serialized_start=218
+  _globals['_NACK']._serialized_end=272
+  _globals['_WATCHREQUEST']._serialized_start=275
+  _globals['_WATCHREQUEST']._serialized_end=408
+  _globals['_CONFIGUPDATE']._serialized_start=411
+  _globals['_CONFIGUPDATE']._serialized_end=570
+  _globals['_SNAPSHOTPART']._serialized_start=572
+  _globals['_SNAPSHOTPART']._serialized_end=646
+  _globals['_SNAPSHOTDELTA']._serialized_start=649
+  _globals['_SNAPSHOTDELTA']._serialized_end=893
+  _globals['_USAGERECORD']._serialized_start=896
+  _globals['_USAGERECORD']._serialized_end=1098
+  _globals['_USAGEBATCH']._serialized_start=1100
+  _globals['_USAGEBATCH']._serialized_end=1187
+  _globals['_USAGEACK']._serialized_start=1189
+  _globals['_USAGEACK']._serialized_end=1235
+  _globals['_CLUSTER']._serialized_start=1238
+  _globals['_CLUSTER']._serialized_end=1387
 # @@protoc_insertion_point(module_scope)

@@ -9,16 +9,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("node_id", "last_version", "software_version", "last_epoch")
+    __slots__ = ("node_id", "last_version", "software_version", "last_epoch", "snapshot_parts")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_VERSION_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_PARTS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     last_version: int
     software_version: str
     last_epoch: str
-    def __init__(self, node_id: _Optional[str] = ..., last_version: _Optional[int] = ..., software_version: _Optional[str] = ..., last_epoch: _Optional[str] = ...) -> None: ...
+    snapshot_parts: bool
+    def __init__(self, node_id: _Optional[str] = ..., last_version: _Optional[int] = ..., software_version: _Optional[str] = ..., last_epoch: _Optional[str] = ..., snapshot_parts: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("version",)
@@ -47,12 +49,26 @@ class WatchRequest(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., nack: _Optional[_Union[Nack, _Mapping]] = ...) -> None: ...
 
 class ConfigUpdate(_message.Message):
-    __slots__ = ("snapshot", "delta")
+    __slots__ = ("snapshot", "delta", "part")
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
     snapshot: _snapshot_pb2.Snapshot
     delta: SnapshotDelta
-    def __init__(self, snapshot: _Optional[_Union[_snapshot_pb2.Snapshot, _Mapping]] = ..., delta: _Optional[_Union[SnapshotDelta, _Mapping]] = ...) -> None: ...
+    part: SnapshotPart
+    def __init__(self, snapshot: _Optional[_Union[_snapshot_pb2.Snapshot, _Mapping]] = ..., delta: _Optional[_Union[SnapshotDelta, _Mapping]] = ..., part: _Optional[_Union[SnapshotPart, _Mapping]] = ...) -> None: ...
+
+class SnapshotPart(_message.Message):
+    __slots__ = ("version", "data", "last", "index")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    data: bytes
+    last: bool
+    index: int
+    def __init__(self, version: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., index: _Optional[int] = ...) -> None: ...
 
 class SnapshotDelta(_message.Message):
     __slots__ = ("from_version", "upserts", "removed_tenants", "removed_api_keys", "removed_routes", "removed_jwt_issuers", "removed_oauth_clients", "removed_signing_keys")
