@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
+import multiprocessing.synchronize
 import re
 import shutil
 import statistics
@@ -299,23 +301,18 @@ def probe_during_full_apply(
     data_dir = seed_dir.with_name(f"{seed_dir.name}-run{run}")
     shutil.copytree(seed_dir, data_dir)
     node = start_node(stack, cluster_addr, redis_url, f"dp-probe-{run}", data_dir, ready=True)
-    samples: dict[str, list[tuple[float, float, int]]] = {"applying": [], "control": []}
-    stop = threading.Event()
-
-    def loop(target: Node, out: list[tuple[float, float, int]]) -> None:
-        probe = Probe(target)
-        while not stop.is_set():
-            wall, t0 = time.time(), time.perf_counter()
-            status = probe.get(path, key)
-            out.append((wall, (time.perf_counter() - t0) * 1000, status))
-            time.sleep(0.001)
-
-    threads = [
-        threading.Thread(target=loop, args=(node, samples["applying"])),
-        threading.Thread(target=loop, args=(control, samples["control"])),
+    # Each loop in a process of its own: threads of this one would wait for each other's
+    # turn at the interpreter, and for this process's own work, and count it as latency.
+    context = multiprocessing.get_context("fork")
+    stop = context.Event()
+    results: multiprocessing.Queue[tuple[str, list[tuple[float, float, int]]]] = context.Queue()
+    loops = [
+        context.Process(target=_request_loop, args=(name, target, path, key, stop, results))
+        for name, target in (("applying", node), ("control", control))
     ]
-    for thread in threads:
-        thread.start()
+    for process in loops:
+        process.start()
+    samples: dict[str, list[tuple[float, float, int]]] = {}
     try:
         time.sleep(2.0)  # the baseline, while the node serves from disk
         port = int(cluster_addr.rsplit(":", 1)[1])
@@ -325,8 +322,11 @@ def probe_during_full_apply(
         time.sleep(1.0)
     finally:
         stop.set()
-        for thread in threads:
-            thread.join()
+        for _ in loops:
+            name, got = results.get(timeout=60)
+            samples[name] = got
+        for process in loops:
+            process.join()
     end, _, compile_ms, apply_ms, receive_ms = node.last_full_apply()
     # From the first part's arrival: receiving is part of taking a snapshot in.
     start = end - (apply_ms + receive_ms) / 1000
@@ -351,6 +351,26 @@ def probe_during_full_apply(
     }
     stack.stop(node.service)
     return figures, cp
+
+
+def _request_loop(
+    name: str,
+    target: Node,
+    path: str,
+    key: str,
+    stop: multiprocessing.synchronize.Event,
+    results: multiprocessing.Queue[tuple[str, list[tuple[float, float, int]]]],
+) -> None:
+    """One request at a time on one keep-alive connection, 1 ms apart, until ``stop``: (Unix
+    time sent, latency ms, status) of each, put on ``results`` under ``name``."""
+    probe = Probe(target)
+    out = []
+    while not stop.is_set():
+        wall, t0 = time.time(), time.perf_counter()
+        status = probe.get(path, key)
+        out.append((wall, (time.perf_counter() - t0) * 1000, status))
+        time.sleep(0.001)
+    results.put((name, out))
 
 
 def repeated_full_apply(
