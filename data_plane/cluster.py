@@ -78,8 +78,12 @@ JOURNAL_COMPACT_RATIO: Final = 4.0
 JOURNAL_COMPACT_FLOOR_BYTES: Final = 64 * 1024 * 1024
 # After an update this large (or a full snapshot) the live objects are frozen (gc.freeze).
 FREEZE_AFTER_OBJECTS: Final = 1000
-# The interpreter's thread switch interval while an update compiles (see ConfigClient._apply).
-APPLY_SWITCH_INTERVAL_S: Final = 0.001
+# The interpreter's thread switch interval while an update compiles (see ConfigClient._apply):
+# a request takes the interpreter several times on its way through, each time waiting up to
+# this long for the compiling thread to hand it over. At 100,000 keys, 0.1 ms against 1 ms:
+# request p50 during a full apply 1.4 ms against 3.1 ms, worst 4.6-6.9 ms against 6.4-12.9,
+# the apply itself 5-10% longer.
+APPLY_SWITCH_INTERVAL_S: Final = 0.0001
 # A delta this small is applied inline (a few hundred objects: well under a millisecond at
 # 100,000 keys), skipping the hand-off to a worker thread; anything larger in the thread.
 INLINE_DELTA_BYTES: Final = 16 * 1024
@@ -365,7 +369,7 @@ class ConfigClient:
         # what is live is frozen out of the collector's way (snapshots hold no reference
         # cycles: the one replaced is freed by reference counting).
         # The compiling thread and the event loop share the interpreter: a shorter switch
-        # interval hands it back to the loop within a millisecond rather than five.
+        # interval hands it back to the loop within a tenth of a millisecond rather than five.
         interval = sys.getswitchinterval()
         gc.disable()
         sys.setswitchinterval(APPLY_SWITCH_INTERVAL_S)
