@@ -5,50 +5,32 @@ whole, or refuses a run that lost, repeated or reordered a part without serving 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from pathlib import Path
 
 import pytest
 
 from control_plane.cluster.snapshots import Published, SnapshotCache, build
-from control_plane.store.config import ConfigRows
 from data_plane import cluster, disk
 from data_plane.cluster import ConfigClient, _gathered, _PartRun
 from data_plane.snapshot import Holder, decode_full, snapshot_part
 from shared import settings
-from shared import snapshot as model
 from shared._generated.tenantgate.v1 import cluster_pb2
 from shared._generated.tenantgate.v1 import snapshot_pb2 as pb
 from shared.errors import InvalidSnapshot
+from tests.unit.control_plane.test_cluster_snapshots import key, route, rows, tenant
 
 TOKEN = "0123456789abcdef-cluster-token"
-
-
-def tenant(i: int) -> model.Tenant:
-    return model.Tenant(f"t{i}", f"tenant {i}", "free", 60, 1000, 0, 0, True)
-
-
-def key(i: int, owner: int) -> model.ApiKey:
-    return model.ApiKey(f"k{i}", f"t{owner}", hashlib.sha256(str(i).encode()).digest())
-
-
-def route(i: int) -> model.Route:
-    upstream = (model.Upstream("http://127.0.0.1:9000", 1),)
-    return model.Route(f"r{i}", f"/svc{i}/*", ("GET",), upstream, True, 0, 30000, False, 0)
 
 
 def published(version: int = 5, tenants: int = 20, keys: int = 300, routes: int = 40) -> Published:
     return build(
         None,
-        ConfigRows(
+        rows(
             version,
             True,
-            {f"t{i}": tenant(i) for i in range(tenants)},
-            {f"k{i}": key(i, i % tenants) for i in range(keys)},
-            {f"r{i}": (i, route(i)) for i in range(routes)},
-            {},
-            {},
-            {},
+            tenants={f"t{i}": tenant(i) for i in range(tenants)},
+            api_keys={f"k{i}": key(i, i % tenants) for i in range(keys)},
+            routes={f"r{i}": (i, route(i)) for i in range(routes)},
         ),
     )
 
